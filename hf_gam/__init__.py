@@ -1,0 +1,7 @@
+"""Gradient norm Aware Minimization (GAM) for the Hugging Face Trainer."""
+
+from .config import GAMConfig
+from .trainer import GAMTrainer
+
+__all__ = ["GAMConfig", "GAMTrainer"]
+__version__ = "0.1.0"

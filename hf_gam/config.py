@@ -1,0 +1,127 @@
+"""`GAMConfig`: the Trainer's arguments plus GAM's hyper-parameters."""
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+GAM_METHODS = ("gam", "sam", "none")
+GAM_FORMULAS = ("released", "paper")
+GAM_SYNC_MODES = ("local", "global")
+GAM_RHO_SCHEDULES = ("constant", "lr")
+
+
+@dataclass
+class GAMConfig(TrainingArguments):
+    """
+    [`~transformers.TrainingArguments`] with the hyper-parameters of Gradient norm Aware Minimization
+    (Zhang et al., CVPR 2023). Every field of `TrainingArguments` keeps its meaning; the `gam_*` fields
+    below control the ascent passes that `GAMTrainer` runs before each optimizer step.
+
+    Defaults are those of the released CIFAR-100 ResNet configuration (SGD, 200 epochs); they are a
+    starting point, not a tuned value for fine-tuning with AdamW.
+    """
+
+    gam_method: str = field(
+        default="gam",
+        metadata={
+            "help": "'gam': four forward/backward passes per micro-batch (GAM, Algorithm 2 of the paper). "
+            "'sam': two passes, plain SAM with radius `gam_grad_rho`. 'none': the stock Trainer step.",
+            "choices": list(GAM_METHODS),
+        },
+    )
+    gam_grad_rho: float = field(
+        default=0.02,
+        metadata={"help": "rho': radius of the SAM-like step along g/||g|| and of the finite-difference steps."},
+    )
+    gam_grad_norm_rho: float = field(
+        default=0.2,
+        metadata={"help": "rho: radius of the ascent along the gradient-norm direction h0 = g1 - g0."},
+    )
+    gam_alpha: float = field(
+        default=0.6,
+        metadata={"help": "alpha in [0, 1]: h+ = alpha * g1 + (1 - alpha) * g3."},
+    )
+    gam_beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "beta in [0, 1]: h- = g0 + (1 - beta) * g2 ('released' formula) or "
+            "beta * g0 + (1 - beta) * g2 ('paper' formula)."
+        },
+    )
+    gam_gamma: float = field(
+        default=0.03,
+        metadata={"help": "gamma >= 0: weight of the part of h- orthogonal to h+ that is removed: d = h+ - gamma * h-_perp."},
+    )
+    gam_formula: str = field(
+        default="released",
+        metadata={
+            "help": "Formula for h-: 'released' (g0 + (1 - beta) * g2, the one the released defaults were tuned with) "
+            "or 'paper' (beta * g0 + (1 - beta) * g2, Algorithm 2 as printed).",
+            "choices": list(GAM_FORMULAS),
+        },
+    )
+    gam_adaptive: bool = field(
+        default=False,
+        metadata={"help": "Scale every perturbation by theta^2 as in ASAM: e = r * g * theta^2 / ||g * |theta|||."},
+    )
+    gam_eps: float = field(
+        default=1e-12,
+        metadata={"help": "xi: added to every norm in a denominator."},
+    )
+    gam_sync: str = field(
+        default="local",
+        metadata={
+            "help": "Data parallel semantics. 'local': every rank perturbs with its own gradients and the final "
+            "directions are averaged once per optimizer step (the released behaviour). 'global': the gradient of "
+            "every pass is averaged across ranks, so a step equals single-process GAM on the global batch.",
+            "choices": list(GAM_SYNC_MODES),
+        },
+    )
+    gam_rho_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "'constant' radii, or 'lr': both radii scaled by the current learning rate over `learning_rate`.",
+            "choices": list(GAM_RHO_SCHEDULES),
+        },
+    )
+    gam_interval: int = field(
+        default=1,
+        metadata={"help": "Run the GAM passes every `gam_interval` optimizer steps and a plain gradient in between."},
+    )
+    gam_same_rng: bool = field(
+        default=True,
+        metadata={
+            "help": "Give all passes of a micro-batch the same random state (same dropout masks), so the gradient "
+            "differences measure curvature rather than mask noise."
+        },
+    )
+
+    def __post_init__(self):
+        validate_gam_fields(self)
+        super().__post_init__()
+
+
+def validate_gam_fields(args) -> None:
+    """Raise a `ValueError` that names the first `gam_*` field of `args` holding a bad value."""
+    choices = {
+        "gam_method": GAM_METHODS,
+        "gam_formula": GAM_FORMULAS,
+        "gam_sync": GAM_SYNC_MODES,
+        "gam_rho_schedule": GAM_RHO_SCHEDULES,
+    }
+    for name, allowed in choices.items():
+        value = getattr(args, name)
+        if value not in allowed:
+            raise ValueError(f"`{name}` must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}.")
+    for name in ("gam_grad_rho", "gam_grad_norm_rho", "gam_gamma"):
+        value = getattr(args, name)
+        if not value >= 0:  # also rejects NaN
+            raise ValueError(f"`{name}` must be a non-negative number; got {value!r}.")
+    for name in ("gam_alpha", "gam_beta"):
+        value = getattr(args, name)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"`{name}` must lie in [0, 1]; got {value!r}.")
+    if not args.gam_eps > 0:
+        raise ValueError(f"`gam_eps` must be a positive number; got {args.gam_eps!r}.")
+    if isinstance(args.gam_interval, bool) or not isinstance(args.gam_interval, int) or args.gam_interval < 1:
+        raise ValueError(f"`gam_interval` must be an integer >= 1; got {args.gam_interval!r}.")
