@@ -1,0 +1,152 @@
+"""What GAM adds to the model card that `Trainer.create_model_card` writes.
+
+`GAMTrainer.create_model_card` extends the card's tags with `GAM_TAGS` and then calls
+`append_gam_section(readme_path, args)`, which adds one Markdown section recording how the
+model was trained: the method, every `gam_*` value, the base optimizer, learning rate, batch
+size, epochs, and the paper's citation. The section sits between two HTML comments, so a
+second call replaces it instead of adding a copy.
+
+Nothing here reads a token: only the fields named below are written, never `hub_token` or
+any other credential. This module has no image code and does not import the trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import fields, is_dataclass
+from typing import Any
+
+GAM_TAGS: list[str] = ["gam", "sharpness-aware"]
+"""Tags added to the card's metadata by `GAMTrainer.create_model_card`."""
+
+GAM_CITATION: str = """@InProceedings{Zhang_2023_CVPR,
+    author    = {Zhang, Xingxuan and Xu, Renzhe and Yu, Han and Zou, Hao and Cui, Peng},
+    title     = {Gradient Norm Aware Minimization Seeks First-Order Flatness and Improves Generalization},
+    booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+    month     = {June},
+    year      = {2023},
+    pages     = {20247-20257}
+}"""
+"""BibTeX entry of the paper (CVPR 2023, arXiv 2303.03108)."""
+
+SECTION_BEGIN = "<!-- hf_gam:gam-section:begin -->"
+SECTION_END = "<!-- hf_gam:gam-section:end -->"
+SECTION_TITLE = "## Training with GAM"
+
+_METHOD_DESCRIPTIONS = {
+    "gam": "GAM (Gradient norm Aware Minimization, accelerated form: four forward/backward passes per micro-batch)",
+    "sam": "SAM (two forward/backward passes per micro-batch, radius `gam_grad_rho`)",
+    "none": "none (the stock Trainer step; GAM disabled)",
+}
+
+
+def gam_field_names(args: Any) -> list[str]:
+    """Names of every `gam_*` attribute of `args`, in declaration order when `args` is a dataclass."""
+    if is_dataclass(args):
+        names = [f.name for f in fields(args) if f.name.startswith("gam_")]
+    else:
+        names = sorted(name for name in vars(args) if name.startswith("gam_"))
+    # Never let anything that looks like a credential through, whatever its prefix.
+    return [name for name in names if "token" not in name.lower()]
+
+
+def _format_value(value: Any) -> str:
+    """Text of one value as it appears in the card (enums by their value, floats by `repr`)."""
+    value = getattr(value, "value", value)  # enums such as `OptimizerNames`
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def gam_settings(args: Any) -> dict[str, str]:
+    """The rows of the card's GAM table: every `gam_*` value, then the base optimizer settings."""
+    rows = {name: _format_value(getattr(args, name)) for name in gam_field_names(args)}
+    world_size = int(getattr(args, "world_size", 1) or 1)
+    per_device = int(args.per_device_train_batch_size)
+    accumulation = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+    rows["optim"] = _format_value(args.optim)
+    rows["learning_rate"] = _format_value(args.learning_rate)
+    rows["weight_decay"] = _format_value(getattr(args, "weight_decay", 0.0))
+    rows["lr_scheduler_type"] = _format_value(getattr(args, "lr_scheduler_type", ""))
+    rows["per_device_train_batch_size"] = str(per_device)
+    rows["gradient_accumulation_steps"] = str(accumulation)
+    rows["num_processes"] = str(world_size)
+    rows["total_train_batch_size"] = str(per_device * accumulation * world_size)
+    rows["num_train_epochs"] = _format_value(args.num_train_epochs)
+    max_steps = getattr(args, "max_steps", -1)
+    if max_steps is not None and max_steps > 0:
+        rows["max_steps"] = str(max_steps)
+    rows["seed"] = str(getattr(args, "seed", ""))
+    return rows
+
+
+def render_gam_section(args: Any) -> str:
+    """The Markdown section (with its begin/end markers) describing the GAM run configured by `args`."""
+    method = str(getattr(args, "gam_method", "gam"))
+    description = _METHOD_DESCRIPTIONS.get(method, method)
+    lines = [
+        SECTION_BEGIN,
+        SECTION_TITLE,
+        "",
+        f"Trained with `hf_gam.GAMTrainer`. Method: {description}; Zhang et al., CVPR 2023,",
+        "[arXiv:2303.03108](https://arxiv.org/abs/2303.03108).",
+        "The base optimizer below applies the direction GAM computes as its gradient, with its own",
+        "learning rate, schedule and weight decay.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | `{value}` |" for name, value in gam_settings(args).items()]
+    lines += [
+        "",
+        "### Citation",
+        "",
+        "```bibtex",
+        GAM_CITATION,
+        "```",
+        SECTION_END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def append_gam_section(readme_path: str, args: Any) -> None:
+    """Add (or replace) the GAM section of the model card at `readme_path`.
+
+    Args:
+        readme_path: the README.md that `Trainer.create_model_card` just wrote. Created if missing.
+        args: the run's `GAMConfig` (any object with the `gam_*` fields and the usual
+            `TrainingArguments` fields `optim`, `learning_rate`, `per_device_train_batch_size`,
+            `num_train_epochs`).
+    """
+    text = ""
+    if os.path.exists(readme_path):
+        with open(readme_path, encoding="utf-8") as f:
+            text = f.read()
+    section = render_gam_section(args)
+    pattern = re.compile(re.escape(SECTION_BEGIN) + r".*?" + re.escape(SECTION_END) + r"\n?", re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text, count=1)
+    else:
+        if text and not text.endswith("\n"):
+            text += "\n"
+        text += ("\n" if text else "") + section
+    with open(readme_path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def read_gam_section(card_text: str) -> dict[str, str]:
+    """Parse the GAM table of a card written by `append_gam_section` back into `{setting: value}`.
+
+    Raises `ValueError` when the card has no GAM section.
+    """
+    start = card_text.find(SECTION_BEGIN)
+    end = card_text.find(SECTION_END, start)
+    if start < 0 or end < 0:
+        raise ValueError("The model card has no GAM section.")
+    rows: dict[str, str] = {}
+    for line in card_text[start:end].splitlines():
+        match = re.fullmatch(r"\| (\S+) \| `(.*)` \|", line.strip())
+        if match:
+            rows[match.group(1)] = match.group(2)
+    return rows

@@ -1,0 +1,106 @@
+"""The GAM section of the model card: content, no tokens, idempotence, and the real stock card."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from hf_gam.config import GAMConfig  # noqa: E402
+from hf_gam.modelcard import (  # noqa: E402
+    GAM_CITATION,
+    GAM_TAGS,
+    SECTION_BEGIN,
+    append_gam_section,
+    read_gam_section,
+    render_gam_section,
+)
+
+SECRET = "hf_secretTOKENvalue0123456789"
+
+
+def make_args(tmp_path, **overrides) -> GAMConfig:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        learning_rate=3e-5,
+        per_device_train_batch_size=7,
+        gradient_accumulation_steps=3,
+        num_train_epochs=2.5,
+        gam_method="gam",
+        gam_grad_rho=0.015,
+        gam_grad_norm_rho=0.125,
+        gam_alpha=0.7,
+        gam_beta=0.25,
+        gam_gamma=0.05,
+        gam_formula="paper",
+        gam_adaptive=True,
+        gam_sync="global",
+        gam_rho_schedule="lr",
+        gam_interval=2,
+        gam_same_rng=False,
+        hub_token=SECRET,
+    )
+    values.update(overrides)
+    return GAMConfig(**values)
+
+
+def test_section_records_every_gam_field_and_base_optimizer(tmp_path):
+    args = make_args(tmp_path)
+    rows = read_gam_section(render_gam_section(args))
+    gam_names = [name for name in vars(args) if name.startswith("gam_")]
+    assert len(gam_names) >= 13
+    for name in gam_names:
+        value = getattr(args, name)
+        expected = repr(value) if isinstance(value, float) else str(value)
+        assert rows[name] == expected, name
+    assert rows["gam_formula"] == "paper" and rows["gam_grad_rho"] == "0.015"
+    assert rows["optim"] == args.optim.value and not rows["optim"].startswith("OptimizerNames")
+    assert rows["learning_rate"] == "3e-05"
+    assert rows["per_device_train_batch_size"] == "7"
+    assert rows["total_train_batch_size"] == str(7 * 3 * args.world_size)
+    assert rows["num_train_epochs"] == "2.5"
+
+
+def test_section_has_citation_and_never_a_token(tmp_path):
+    args = make_args(tmp_path)
+    text = render_gam_section(args)
+    assert GAM_CITATION in text and "2303.03108" in text and "Zhang, Xingxuan" in text
+    assert SECRET not in text and "token" not in text.lower()
+    assert {"gam", "sharpness-aware"} <= set(GAM_TAGS)
+
+
+def test_append_is_idempotent_and_keeps_the_stock_card(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("---\ntags:\n- generated_from_trainer\n---\n\n# my-model\n\nstock text\n", encoding="utf-8")
+    args = make_args(tmp_path)
+    append_gam_section(str(readme), args)
+    append_gam_section(str(readme), make_args(tmp_path, gam_gamma=0.5))
+    text = readme.read_text(encoding="utf-8")
+    assert text.count(SECTION_BEGIN) == 1
+    assert text.startswith("---\ntags:") and "stock text" in text
+    assert read_gam_section(text)["gam_gamma"] == "0.5"
+
+
+def test_missing_section_is_an_error():
+    with pytest.raises(ValueError, match="no GAM section"):
+        read_gam_section("# a card without GAM\n")
+
+
+def test_section_on_the_stock_trainer_card(tmp_path):
+    """The stock `Trainer.create_model_card` output plus the section still loads as a valid card."""
+    from huggingface_hub import ModelCard
+    from transformers import Trainer, ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                       image_size=8, patch_size=4, num_labels=2)
+    args = make_args(tmp_path, gam_method="sam")
+    trainer = Trainer(model=ViTForImageClassification(config), args=args)
+    trainer.create_model_card(model_name="tiny", tags=GAM_TAGS + ["image-classification"], dataset="folder")
+    readme = os.path.join(args.output_dir, "README.md")
+    append_gam_section(readme, args)
+    card = ModelCard.load(readme)
+    assert {"gam", "sharpness-aware", "image-classification"} <= set(card.data.tags)
+    assert read_gam_section(card.text)["gam_method"] == "sam"
+    assert SECRET not in open(readme, encoding="utf-8").read()
