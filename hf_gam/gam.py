@@ -1,0 +1,365 @@
+"""GAM's update (accelerated GAM, Algorithm 2 of Zhang et al., CVPR 2023) over lists of tensors.
+
+Nothing here knows about `transformers`: `GAMStep.run` receives a `forward_backward(pass_index)` callable
+that leaves the gradient of one pass in `p.grad`, and it leaves the GAM direction `d` in `p.grad` with the
+parameters back at theta, bit for bit. The symbols follow GAM_MATH.md:
+
+    g0 = grad L(theta)
+    g1 = grad L(theta + rho' g0 / ||g0||)                  h0 = g1 - g0
+    g2 = grad L(theta2),  theta2 = theta + rho h0 / ||h0||
+    g3 = grad L(theta2 + rho' g2 / ||g2||)
+    h+ = alpha g1 + (1 - alpha) g3
+    h- = g0 + (1 - beta) g2          ("released")  or  beta g0 + (1 - beta) g2  ("paper")
+    d  = h+ - gamma (h- - <h-, h+> / ||h+||^2 h+)
+
+Work memory: three parameter-sized buffers (theta, h-, alpha * g1), allocated on first use and reused.
+The parameters themselves serve as scratch space for h0 while they do not hold theta.
+"""
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+try:  # FSDP2 shards parameters and gradients as DTensors: the maths runs on the local shards.
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = ()
+
+# Sums a 0-dim tensor over the processes that hold other parts of the same vector (shards or ranks).
+ReduceFn = Callable[[Tensor], Tensor]
+# Averages a list of gradient tensors over ranks, in place.
+AverageFn = Callable[[list[Tensor]], None]
+
+
+@dataclass(frozen=True)
+class GAMHyperParams:
+    """The hyper-parameters of one GAM step (see GAM_MATH.md for the symbols)."""
+
+    method: str = "gam"  # "gam" or "sam"
+    grad_rho: float = 0.02  # rho'
+    grad_norm_rho: float = 0.2  # rho
+    alpha: float = 0.6
+    beta: float = 0.5
+    gamma: float = 0.03
+    formula: str = "released"  # "released" or "paper"
+    adaptive: bool = False
+    eps: float = 1e-12  # xi
+
+
+@dataclass
+class GAMStats:
+    """What one micro-batch's passes measured. Tensors stay on the device (no host sync is forced)."""
+
+    loss: Tensor  # loss at theta (pass 1), as the stock training step returns it
+    grad_norm: float = math.nan  # ||g0||
+    flatness: float = math.nan  # ||g1 - g0|| / rho'
+    cos: float = math.nan  # cosine of h- and h+ (GAM only)
+    skipped: bool = False  # a pass produced a non-finite gradient; the passes stopped
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The part of `t` stored on this process: the local shard of a DTensor, `t` itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def sum_of_squares(tensors: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> Tensor:
+    """sum_i ||t_i||^2, accumulated in float32 (float64 for float64 tensors), then summed by `reduce`."""
+    dtype = _accumulation_dtype(tensors)
+    if len(tensors) == 0:
+        total = torch.zeros((), dtype=dtype)
+    else:
+        device = tensors[0].device
+        norms = torch._foreach_norm(tensors, 2, dtype=dtype)
+        total = torch.stack([n.to(device) for n in norms]).square().sum()
+    return reduce(total) if reduce is not None else total
+
+
+def global_norm(tensors: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> float:
+    """The L2 norm of the concatenation of `tensors` (over all shards when `reduce` is given)."""
+    return math.sqrt(sum_of_squares(tensors, reduce).item())
+
+
+def global_dot(a: Sequence[Tensor], b: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> float:
+    """<a, b> over all the tensors (and shards), accumulated as `sum_of_squares` does."""
+    dtype = _accumulation_dtype(a)
+    device = a[0].device
+    parts = [torch.sum(x * y, dtype=dtype).to(device) for x, y in zip(a, b)]
+    total = torch.stack(parts).sum()
+    return (reduce(total) if reduce is not None else total).item()
+
+
+def weighted_norm(direction: Sequence[Tensor], weights: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> float:
+    """|| direction * |weights| ||, one tensor at a time (no parameter-sized temporary)."""
+    dtype = _accumulation_dtype(direction)
+    device = direction[0].device
+    parts = [torch.sum((d * w.abs()).square(), dtype=dtype).to(device) for d, w in zip(direction, weights)]
+    total = torch.stack(parts).sum()
+    return math.sqrt((reduce(total) if reduce is not None else total).item())
+
+
+def ascend_(
+    params: list[Tensor],
+    direction: list[Tensor],
+    radius: float,
+    eps: float,
+    adaptive: bool,
+    reduce: Optional[ReduceFn] = None,
+) -> float:
+    """Move `params` by `radius` along `direction`, in place; returns the norm used to normalise.
+
+    Plain: params += radius * direction / (||direction|| + eps).
+    Adaptive: params += radius * direction * params^2 / (||direction * |params| || + eps).
+    """
+    if not adaptive:
+        norm = global_norm(direction, reduce)
+        torch._foreach_add_(params, direction, alpha=radius / (norm + eps))
+        return norm
+    norm = weighted_norm(direction, params, reduce)
+    scale = radius / (norm + eps)
+    for p, d in zip(params, direction):
+        p.add_(d * p * p, alpha=scale)
+    return norm
+
+
+def ascend_from_(
+    params: list[Tensor],
+    base: list[Tensor],
+    radius: float,
+    eps: float,
+    adaptive: bool,
+    reduce: Optional[ReduceFn] = None,
+) -> float:
+    """`params` holds a direction h on entry; on exit it holds base + radius * h / (||h|| + eps)
+    (adaptive: base + radius * h * base^2 / (||h * |base| || + eps)). Returns ||h|| (the plain norm)."""
+    norm = global_norm(params, reduce)
+    if not adaptive:
+        torch._foreach_mul_(params, radius / (norm + eps))
+        torch._foreach_add_(params, base)
+        return norm
+    scale = radius / (weighted_norm(params, base, reduce) + eps)
+    for p, b in zip(params, base):
+        p.mul_(b).mul_(b).mul_(scale).add_(b)
+    return norm
+
+
+def remove_orthogonal_part_(
+    h_plus: list[Tensor], h_minus: list[Tensor], gamma: float, eps: float, reduce: Optional[ReduceFn] = None
+) -> tuple[float, float]:
+    """h_plus <- h+ - gamma * (h- - c h+), the part of h- orthogonal to h+ removed, in place.
+
+    c = cos * ||h-|| / (||h+|| + eps) with cos = <h-, h+> / (||h+|| ||h-|| + eps), the form of the
+    released code. Returns (cos, ||h+||).
+    """
+    norm_plus = global_norm(h_plus, reduce)
+    norm_minus = global_norm(h_minus, reduce)
+    cos = global_dot(h_minus, h_plus, reduce) / (norm_plus * norm_minus + eps)
+    coefficient = cos * norm_minus / (norm_plus + eps)
+    torch._foreach_mul_(h_plus, 1.0 + gamma * coefficient)
+    torch._foreach_add_(h_plus, h_minus, alpha=-gamma)
+    return cos, norm_plus
+
+
+class RandomState:
+    """The CPU and CUDA random states, captured so that several passes can draw the same numbers."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+@contextlib.contextmanager
+def frozen_norm_statistics(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Run BatchNorm-type layers in training mode without updating their running statistics.
+
+    In training mode such a layer normalises with the batch statistics whether or not it tracks
+    running ones, so switching `track_running_stats` off for a pass changes nothing but the update of
+    `running_mean`, `running_var` and `num_batches_tracked`. Restored even when the pass raises.
+    """
+    switched = [m for m in modules if m.track_running_stats]
+    for m in switched:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.track_running_stats = True
+
+
+def norm_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers of `model` that keep running statistics (BatchNorm, SyncBatchNorm, InstanceNorm)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+
+
+class GAMStep:
+    """Runs the passes of one micro-batch and leaves the GAM (or SAM) direction in `p.grad`.
+
+    `params` are the trainable parameters; gradients already in their `.grad` (earlier micro-batches of
+    the same optimizer step) are set aside during the passes and added back after, so each micro-batch
+    contributes its own direction. Parameters that receive no gradient in the first pass take no part.
+    """
+
+    def __init__(self, params: Iterable[Tensor]) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("The model has no trainable parameters (every parameter has requires_grad=False).")
+        self._buffers: dict[str, list[Optional[Tensor]]] = {}
+
+    def _buffer(self, name: str, index: list[int]) -> list[Tensor]:
+        """The work buffer `name` for the parameters at `index` (allocated once, on first use)."""
+        store = self._buffers.setdefault(name, [None] * len(self.params))
+        for i in index:
+            if store[i] is None:
+                store[i] = torch.empty_like(local_tensor(self.params[i].detach()))
+        return [store[i] for i in index]
+
+    def buffer_numel(self) -> int:
+        """Elements held in work buffers, to compare with the number of trainable parameter elements."""
+        return sum(t.numel() for store in self._buffers.values() for t in store if t is not None)
+
+    def run(
+        self,
+        forward_backward: Callable[[int], Tensor],
+        hp: GAMHyperParams,
+        grad_rho: Optional[float] = None,
+        grad_norm_rho: Optional[float] = None,
+        norm_modules: Sequence[nn.Module] = (),
+        same_rng: bool = True,
+        reduce: Optional[ReduceFn] = None,
+        average_grads: Optional[AverageFn] = None,
+    ) -> GAMStats:
+        """Run the passes and leave d (plus the set-aside gradients) in `p.grad`.
+
+        Args:
+            forward_backward: runs one forward and backward pass on the micro-batch, returns the loss.
+            hp: the hyper-parameters; `grad_rho`/`grad_norm_rho` override its radii (for schedules).
+            norm_modules: BatchNorm-type layers; only pass 1 moves their running statistics.
+            same_rng: give passes 2-4 the random state pass 1 started with (same dropout masks).
+            reduce: sums partial scalars over shards/ranks (FSDP, or DDP with global semantics).
+            average_grads: averages each pass's gradients over ranks before they are used (DDP global).
+        """
+        rho_prime = hp.grad_rho if grad_rho is None else grad_rho
+        rho = hp.grad_norm_rho if grad_norm_rho is None else grad_norm_rho
+        params = self.params
+        set_aside = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+
+        rng_start = RandomState() if same_rng else None
+        rng_after_first = None
+        restore_from: Optional[list[Tensor]] = None
+        index: list[int] = []
+        stats = None
+
+        def run_pass(pass_index: int) -> Optional[list[Tensor]]:
+            """One forward/backward; returns the local gradients of the active parameters, or None if any
+            of them is not finite (then the passes stop)."""
+            nonlocal rng_after_first
+            if pass_index == 0:
+                loss = forward_backward(0)
+                rng_after_first = RandomState() if same_rng else None
+                stats_loss.append(loss)
+                index.extend(i for i, p in enumerate(params) if p.grad is not None)
+            else:
+                if rng_start is not None:
+                    rng_start.restore()
+                with frozen_norm_statistics(norm_modules):
+                    forward_backward(pass_index)
+            grads = []
+            for i in index:
+                p = params[i]
+                if p.grad is None:  # used at theta but not at the perturbed point
+                    p.grad = torch.zeros_like(p)
+                grads.append(local_tensor(p.grad))
+            if average_grads is not None:
+                average_grads(grads)
+            return grads
+
+        stats_loss: list[Tensor] = []
+        try:
+            g = run_pass(0)
+            stats = GAMStats(loss=stats_loss[0])
+            if not index:
+                raise RuntimeError("No trainable parameter received a gradient: check that the loss depends on them.")
+            theta_params = [local_tensor(params[i].detach()) for i in index]
+
+            def finite(value: float) -> bool:
+                if math.isfinite(value):
+                    return True
+                stats.skipped = True
+                return False
+
+            # Pass 1: g0 at theta. Save theta and g0 (into the h- buffer).
+            stats.grad_norm = global_norm(g, reduce)
+            if not finite(stats.grad_norm):
+                return stats
+            theta = self._buffer("theta", index)
+            h_minus = self._buffer("h_minus", index)
+            torch._foreach_copy_(theta, theta_params)
+            torch._foreach_copy_(h_minus, g)
+            restore_from = theta
+            ascend_(theta_params, g, rho_prime, hp.eps, hp.adaptive, reduce)  # theta1
+            self._release_grads(index)
+
+            # Pass 2: g1 at theta1. The parameters become scratch for h0 = g1 - g0.
+            g = run_pass(1)
+            torch._foreach_copy_(theta_params, g)
+            torch._foreach_sub_(theta_params, h_minus)
+            if hp.method == "sam":
+                stats.flatness = global_norm(theta_params, reduce) / max(rho_prime, hp.eps)
+                finite(stats.flatness)
+                return stats  # d = g1, already in p.grad
+            h0_norm = ascend_from_(theta_params, theta, rho, hp.eps, hp.adaptive, reduce)  # theta2
+            stats.flatness = h0_norm / max(rho_prime, hp.eps)
+            if not finite(h0_norm):
+                return stats
+            g1_scaled = self._buffer("g1_scaled", index)
+            torch._foreach_copy_(g1_scaled, g)
+            torch._foreach_mul_(g1_scaled, hp.alpha)
+            if hp.formula == "paper":
+                torch._foreach_mul_(h_minus, hp.beta)
+            self._release_grads(index)
+
+            # Pass 3: g2 at theta2; h- gets (1 - beta) g2; theta3 = theta2 + rho' g2 / ||g2||.
+            g = run_pass(2)
+            if not finite(ascend_(theta_params, g, rho_prime, hp.eps, hp.adaptive, reduce)):
+                return stats
+            torch._foreach_add_(h_minus, g, alpha=1.0 - hp.beta)
+            self._release_grads(index)
+
+            # Pass 4: g3 at theta3; h+ = alpha g1 + (1 - alpha) g3 is built in p.grad, then d.
+            g = run_pass(3)
+            torch._foreach_mul_(g, 1.0 - hp.alpha)
+            torch._foreach_add_(g, g1_scaled)
+            cos, norm_plus = remove_orthogonal_part_(g, h_minus, hp.gamma, hp.eps, reduce)
+            stats.cos = cos
+            finite(norm_plus)
+            return stats
+        finally:
+            if restore_from is not None:
+                torch._foreach_copy_([local_tensor(params[i].detach()) for i in index], restore_from)
+            if rng_after_first is not None:
+                rng_after_first.restore()
+            for p, earlier in zip(params, set_aside):
+                if earlier is None:
+                    continue
+                if p.grad is None:
+                    p.grad = earlier
+                else:
+                    p.grad.add_(earlier)
+
+    def _release_grads(self, index: list[int]) -> None:
+        for i in index:
+            self.params[i].grad = None

@@ -1,0 +1,201 @@
+"""`GAMTrainer`: the Hugging Face `Trainer` with GAM's passes inside `training_step`."""
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers.training_args import OptimizerNames
+from transformers.utils import logging
+
+from .config import GAMConfig, validate_gam_fields
+from .gam import GAMHyperParams, GAMStats, GAMStep, norm_layers
+
+logger = logging.get_logger(__name__)
+
+# Summed over the micro-batches between two logs, then averaged (over micro-batches and ranks).
+_METRICS = ("grad_norm", "flatness", "cos", "skipped")
+
+
+def as_gam_config(args: TrainingArguments) -> GAMConfig:
+    """A `GAMConfig` with the values of `args` and GAM's defaults (for a plain `TrainingArguments`)."""
+    if isinstance(args, GAMConfig):
+        return args
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init and hasattr(args, f.name)}
+    return GAMConfig(**values)
+
+
+class GAMTrainer(Trainer):
+    """
+    A [`~transformers.Trainer`] that trains with Gradient norm Aware Minimization (Zhang et al., CVPR 2023).
+
+    It takes every argument `Trainer` takes; `args` is a [`GAMConfig`] (a plain `TrainingArguments` means GAM with
+    the default `gam_*` values). Only `training_step` changes: for each micro-batch it runs GAM's four forward and
+    backward passes (two for `gam_method="sam"`) and leaves the GAM direction in `p.grad`, with the parameters back at
+    their exact values. The Trainer's own optimizer, scheduler, clipping, gradient accumulation, checkpointing,
+    callbacks and logging run unchanged. `gam_method="none"` is the stock Trainer.
+    """
+
+    _tag_names = ["gam", "sharpness-aware"]
+
+    def __init__(self, model=None, args: Optional[TrainingArguments] = None, *positional, **kwargs):
+        if args is None:
+            args = GAMConfig(output_dir="trainer_output")
+        args = as_gam_config(args)
+        validate_gam_fields(args)
+        if args.deepspeed:
+            raise ValueError(_DEEPSPEED_MESSAGE)
+        super().__init__(model, args, *positional, **kwargs)
+        if self.is_deepspeed_enabled:
+            raise ValueError(_DEEPSPEED_MESSAGE)
+        if self.args.optim in (OptimizerNames.LOMO, OptimizerNames.ADALOMO):
+            raise ValueError(
+                f"GAMTrainer cannot use optim={self.args.optim.value!r}: LOMO updates the parameters inside backward, "
+                "so there is no gradient to combine. Choose another optimizer."
+            )
+        self.gam_hparams = GAMHyperParams(
+            method=self.args.gam_method,
+            grad_rho=self.args.gam_grad_rho,
+            grad_norm_rho=self.args.gam_grad_norm_rho,
+            alpha=self.args.gam_alpha,
+            beta=self.args.gam_beta,
+            gamma=self.args.gam_gamma,
+            formula=self.args.gam_formula,
+            adaptive=self.args.gam_adaptive,
+            eps=self.args.gam_eps,
+        )
+        self._gam_step: Optional[GAMStep] = None
+        self._gam_norm_layers: list[nn.Module] = []
+        if self.args.gam_method != "none" and not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError("GAMTrainer: the model has no trainable parameters (all have requires_grad=False).")
+        self._gam_sums: Optional[torch.Tensor] = None
+        self._gam_count = 0
+        self._gam_radii = (self.args.gam_grad_rho, self.args.gam_grad_norm_rho)
+
+    # ---- the step ----
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: Optional[torch.Tensor | int] = None,
+    ) -> torch.Tensor:
+        """One micro-batch: GAM's passes, the direction d accumulated in `p.grad`; returns the loss at theta."""
+        if self.args.gam_method == "none" or self.state.global_step % self.args.gam_interval != 0:
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
+        with cp_context():
+            model.train()
+            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+                self.optimizer.train()
+            inputs = self._prepare_inputs(inputs)
+            step = self._get_gam_step(model)
+
+            def forward_backward(pass_index: int) -> torch.Tensor:
+                # A fresh shallow copy each pass: `compute_loss` pops "labels" when label smoothing is on.
+                with self.accelerator.no_sync(model):
+                    with self.compute_loss_context_manager():
+                        loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
+                    if self.args.n_gpu > 1:
+                        loss = loss.mean()
+                    if not self._loss_is_scaled_for_ga(num_items_in_batch):
+                        loss = loss / self.current_gradient_accumulation_steps
+                    self.accelerator.backward(loss)
+                return loss.detach()
+
+            grad_rho, grad_norm_rho = self._current_radii()
+            stats = step.run(
+                forward_backward,
+                self.gam_hparams,
+                grad_rho=grad_rho,
+                grad_norm_rho=grad_norm_rho,
+                norm_modules=self._gam_norm_layers,
+                same_rng=self.args.gam_same_rng,
+            )
+            del inputs
+        self._record_gam_stats(stats, grad_rho, grad_norm_rho)
+        return stats.loss
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """The stock Trainer's rule: is the loss already normalised for gradient accumulation?"""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def _get_gam_step(self, model: nn.Module) -> GAMStep:
+        if self._gam_step is None:
+            self._gam_step = GAMStep(model.parameters())
+            self._gam_norm_layers = norm_layers(model)
+        return self._gam_step
+
+    def _current_radii(self) -> tuple[float, float]:
+        """(rho', rho), scaled by the current over the initial learning rate when `gam_rho_schedule="lr"`."""
+        grad_rho, grad_norm_rho = self.args.gam_grad_rho, self.args.gam_grad_norm_rho
+        if self.args.gam_rho_schedule == "lr":
+            if self.args.learning_rate <= 0:
+                return 0.0, 0.0
+            scale = self._get_learning_rate() / self.args.learning_rate
+            grad_rho, grad_norm_rho = grad_rho * scale, grad_norm_rho * scale
+        return grad_rho, grad_norm_rho
+
+    # ---- metrics ----
+
+    def _record_gam_stats(self, stats: GAMStats, grad_rho: float, grad_norm_rho: float) -> None:
+        values = [stats.grad_norm, stats.flatness, stats.cos if self.args.gam_method == "gam" else 0.0]
+        values = [v if not stats.skipped else 0.0 for v in values] + [float(stats.skipped)]
+        row = torch.tensor(values, dtype=torch.float64)
+        self._gam_sums = row if self._gam_sums is None else self._gam_sums + row
+        self._gam_count += 1
+        self._gam_radii = (grad_rho, grad_norm_rho)
+
+    def _gam_logs(self) -> dict[str, float]:
+        """The GAM metrics since the last log, averaged over micro-batches and ranks; resets them."""
+        sums = torch.zeros(len(_METRICS) + 1, dtype=torch.float64)
+        if self._gam_sums is not None:
+            sums[: len(_METRICS)] = self._gam_sums
+            sums[-1] = self._gam_count
+        if self.args.world_size > 1:
+            sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum").cpu()
+        self._gam_sums, self._gam_count = None, 0
+        count = sums[-1].item()
+        if count == 0:
+            return {}
+        skipped = sums[3].item()
+        finite = max(count - skipped, 1.0)
+        logs = {
+            "gam/grad_norm": sums[0].item() / finite,
+            "gam/flatness": sums[1].item() / finite,
+            "gam/grad_rho": self._gam_radii[0],
+            "gam/grad_norm_rho": self._gam_radii[1],
+            "gam/skipped_steps": skipped,
+        }
+        if self.args.gam_method == "gam":
+            logs["gam/cos"] = sums[2].item() / finite
+        return logs
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        if "loss" in logs and self.args.gam_method != "none":
+            logs = {**logs, **self._gam_logs()}
+        super().log(logs, start_time)
+
+    # ---- model card ----
+
+    def create_model_card(self, *args, tags: Optional[str | list[str]] = None, **kwargs) -> None:
+        """The stock model card, tagged `gam` and `sharpness-aware`, with a section recording GAM's settings."""
+        from .modelcard import GAM_TAGS, append_gam_section
+
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [t for t in GAM_TAGS if t not in tags]
+        super().create_model_card(*args, tags=tags, **kwargs)
+        if self.is_world_process_zero():
+            append_gam_section(os.path.join(self.args.output_dir, "README.md"), self.args)
+
+
+_DEEPSPEED_MESSAGE = (
+    "GAMTrainer does not support DeepSpeed: the DeepSpeed engine owns the backward pass and the optimizer step, so "
+    "the GAM passes cannot place their direction in the gradients. Use FSDP (`accelerate launch` with an FSDP config, "
+    "or `fsdp=...` in GAMConfig) or DDP for multi-GPU training."
+)
