@@ -1,0 +1,228 @@
+"""Flatness metrics against known Hessians, and the callback through a real Trainer run."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_gam.flatness import (
+    FlatnessCallback,
+    first_order_flatness,
+    hessian_trace,
+    measure_flatness,
+    top_hessian_eigenvalue,
+)
+
+
+def quadratic(n=12, seed=0, eigenvalues=None):
+    """L(theta) = 0.5 theta^T A theta + b^T theta with A = Q diag(lambda) Q^T, theta split in two tensors."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    lam = eigenvalues if eigenvalues is not None else torch.linspace(-1.0, 3.0, n - 1, dtype=torch.float64)
+    lam = torch.cat([lam, torch.tensor([6.0], dtype=torch.float64)])  # top eigenvalue 6, gap to 3
+    a = q @ torch.diag(lam) @ q.T
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    p1 = torch.nn.Parameter(torch.randn(5, generator=g, dtype=torch.float64))
+    p2 = torch.nn.Parameter(torch.randn(n - 5, generator=g, dtype=torch.float64))
+
+    def loss_fn():
+        theta = torch.cat([p1, p2])
+        return 0.5 * theta @ a @ theta + b @ theta
+
+    return a, b, [p1, p2], loss_fn, q[:, -1]
+
+
+def test_top_eigenvalue_of_quadratic():
+    a, _, params, loss_fn, _ = quadratic()
+    truth = torch.linalg.eigvalsh(a)[-1].item()
+    result = top_hessian_eigenvalue(loss_fn, params, iters=200, tol=1e-10)
+    assert result["top_eigenvalue"] == pytest.approx(truth, rel=1e-6)
+    assert result["iterations"] < 200
+
+
+def test_top_eigenvalue_is_largest_in_magnitude():
+    # A negative eigenvalue of larger magnitude wins: power iteration is honest about what it returns.
+    _, _, params, loss_fn, _ = quadratic(eigenvalues=torch.tensor([-9.0] + [1.0] * 10, dtype=torch.float64))
+    result = top_hessian_eigenvalue(loss_fn, params, iters=300, tol=1e-10)
+    assert result["top_eigenvalue"] == pytest.approx(-9.0, rel=1e-5)
+
+
+def test_trace_of_quadratic():
+    a, _, params, loss_fn, _ = quadratic()
+    truth = torch.trace(a).item()
+    result = hessian_trace(loss_fn, params, samples=3000)
+    assert abs(result["trace"] - truth) < 4 * result["trace_stderr"]
+    assert result["trace"] == pytest.approx(truth, rel=0.05)
+    # The standard error is that of Rademacher Hutchinson: var = 2 * sum_{i != j} A_ij^2.
+    expected_se = math.sqrt(2 * ((a**2).sum() - (torch.diag(a) ** 2).sum()).item() / 3000)
+    assert result["trace_stderr"] == pytest.approx(expected_se, rel=0.15)
+
+
+def test_first_order_flatness_along_top_eigenvector():
+    a, b, params, loss_fn, v1 = quadratic()
+    theta_star = torch.linalg.solve(a, -b)
+    delta, rho = 0.3, 0.1
+    theta = theta_star + delta * v1  # gradient = 6 * delta * v1, so the max in the ball is 6 * (delta + rho)
+    with torch.no_grad():
+        params[0].copy_(theta[:5])
+        params[1].copy_(theta[5:])
+    before = [p.detach().clone() for p in params]
+    result = first_order_flatness(loss_fn, params, rho=rho, steps=3)
+    assert result["grad_norm"] == pytest.approx(6 * delta, rel=1e-9)
+    assert result["max_grad_norm"] == pytest.approx(6 * (delta + rho), rel=1e-6)
+    assert result["first_order_flatness"] == pytest.approx(rho * 6 * (delta + rho), rel=1e-6)
+    for p, q in zip(params, before):
+        assert torch.equal(p, q)  # parameters restored bit-exactly
+
+
+def test_first_order_flatness_general_point_near_true_maximum():
+    a, b, params, loss_fn, _ = quadratic(seed=3)
+    rho = 0.2
+    with torch.no_grad():
+        theta0 = torch.cat([p.detach() for p in params])
+        g0 = a @ theta0 + b
+        # Reference: many projected gradient-ascent steps on ||g0 + A e||^2 over the ball.
+        best = 0.0
+        for start in range(20):
+            e = torch.randn(len(g0), generator=torch.Generator().manual_seed(start), dtype=torch.float64)
+            e = rho * e / e.norm()
+            for _ in range(2000):
+                e = e + 0.05 * a @ (g0 + a @ e)
+                e = e * min(1.0, rho / e.norm().item())
+            best = max(best, (g0 + a @ e).norm().item())
+    result = first_order_flatness(loss_fn, params, rho=rho, steps=5)
+    assert result["grad_norm"] == pytest.approx(g0.norm().item(), rel=1e-9)
+    assert result["max_grad_norm"] <= best * (1 + 1e-9)
+    assert result["max_grad_norm"] >= 0.97 * best
+    assert result["max_grad_norm"] > result["grad_norm"] * 1.05
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2))
+        self.frozen = torch.nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x, labels=None):
+        logits = self.frozen(self.net(x))
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+def test_measure_flatness_matches_exact_hessian_of_a_network():
+    model = TinyNet().double()
+    g = torch.Generator().manual_seed(1)
+    batch = {"x": torch.randn(16, 3, generator=g, dtype=torch.float64), "labels": torch.randint(0, 2, (16,), generator=g)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    shapes = [p.shape for p in params]
+
+    def flat_loss(flat):
+        chunks, offset = {}, 0
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        for n, s in zip(names, shapes):
+            k = math.prod(s)
+            chunks[n] = flat[offset : offset + k].view(s)
+            offset += k
+        model.eval()  # measurement is in eval mode: dropout off
+        return torch.func.functional_call(model, chunks, (batch["x"], batch["labels"]))["loss"]
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    hess = torch.autograd.functional.hessian(flat_loss, flat)
+    eig = torch.linalg.eigvalsh(hess)
+    top = eig[eig.abs().argmax()].item()
+    model.train()
+    result = measure_flatness(model, batch, eig_iters=500, trace_samples=4000, metrics=("eigenvalue", "trace"))
+    assert model.training  # mode restored
+    assert result["top_eigenvalue"] == pytest.approx(top, rel=1e-3)
+    assert abs(result["trace"] - torch.trace(hess).item()) < 4 * result["trace_stderr"] + 1e-9
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _digits_vit(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=10,
+    )
+    torch.manual_seed(0)
+    return ViTForImageClassification(config)
+
+
+def test_callback_logs_through_a_real_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_gam.flatness import digits_examples
+
+    train = digits_examples("train")[:64]
+    val = digits_examples("validation")[:32]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=16, per_device_eval_batch_size=16,
+        max_steps=4, eval_strategy="steps", eval_steps=2, logging_steps=2, report_to=[],
+        use_cpu=True, save_strategy="no", remove_unused_columns=False,
+    )
+    trainer = Trainer(model=_digits_vit(tmp_path), args=args, train_dataset=train, eval_dataset=val)
+    callback = FlatnessCallback.attach(trainer, num_examples=16, eig_iters=5, trace_samples=3, ascent_steps=2)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "flatness/top_eigenvalue" in h]
+    assert [h["step"] for h in logged] == [2, 4]
+    for h in logged:
+        for key in ("flatness/trace", "flatness/max_grad_norm", "flatness/first_order_flatness", "flatness/loss"):
+            assert math.isfinite(h[key])
+        assert h["flatness/max_grad_norm"] >= h["flatness/grad_norm"]
+    # The same batch is reused: measuring again at the final weights reproduces the last log exactly.
+    assert callback.batch["pixel_values"].shape[0] == 16
+    again = callback.measure(trainer.model)
+    assert again["flatness/top_eigenvalue"] == pytest.approx(logged[-1]["flatness/top_eigenvalue"], rel=1e-6)
+    metrics = trainer.evaluate()
+    assert "flatness/trace" in metrics
+
+
+def test_cli_on_a_saved_checkpoint(tmp_path):
+    model = _digits_vit(tmp_path)
+    model.save_pretrained(tmp_path / "ckpt")
+    out = subprocess.run(
+        [sys.executable, "-m", "hf_gam.flatness", str(tmp_path / "ckpt"), "--num-examples", "32",
+         "--eig-iters", "3", "--trace-samples", "2", "--ascent-steps", "1"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    import json
+
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    assert result["num_examples"] == 32
+    assert math.isfinite(result["top_eigenvalue"]) and math.isfinite(result["trace"])
+
+
+def test_landscape_directions_curves_and_pictures(tmp_path):
+    from hf_gam.landscape import filter_normalized_direction, loss_curve, loss_surface, plot_contour, plot_curves
+
+    model = TinyNet()
+    batch = {"x": torch.randn(8, 3), "labels": torch.randint(0, 2, (8,))}
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    direction = filter_normalized_direction(model, seed=0)
+    assert len(direction) == len(params)
+    for p, d in zip(params, direction):
+        if p.dim() == 1:
+            assert torch.count_nonzero(d) == 0
+        else:
+            torch.testing.assert_close(d.norm(dim=1), p.detach().norm(dim=1))
+    alphas = [-1.0, -0.5, 0.0, 0.5, 1.0]
+    curve = loss_curve(model, batch, alphas)
+    surface = loss_surface(model, batch, alphas)
+    at_zero = measure_flatness(model, batch, metrics=())["loss"]
+    assert curve[2] == pytest.approx(at_zero, rel=1e-6)
+    assert surface[2][2] == pytest.approx(at_zero, rel=1e-6)
+    assert len(set(curve)) == len(curve)  # the direction does move the loss
+    for p, q in zip(params, before):
+        assert torch.equal(p, q)
+    plot_curves({"a": [curve], "b": [curve, curve]}, alphas, str(tmp_path / "c.png"))
+    plot_contour({"a": surface}, alphas, str(tmp_path / "s.png"))
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
