@@ -666,7 +666,6 @@ def run_image_classification(
     }
     config = AutoConfig.from_pretrained(
         model_args.config_name or model_args.model_name_or_path,
-        num_labels=len(class_names),
         label2id=label2id,
         id2label=id2label,
         finetuning_task="image-classification",

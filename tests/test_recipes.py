@@ -1,0 +1,324 @@
+"""The recipes end to end, offline: a few dozen generated PNGs in imagefolder layout and a tiny ViT saved
+with `save_pretrained`. Only the Hub's network boundary (`HfApi.create_repo` / `HfApi.upload_folder`)
+is replaced, in the push test."""
+
+import concurrent.futures
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from huggingface_hub import HfApi, ModelCard, RepoUrl  # noqa: E402
+from huggingface_hub.utils import filter_repo_objects  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
+
+from hf_gam import GAMTrainer  # noqa: E402
+from hf_gam.modelcard import GAM_CITATION, read_gam_section  # noqa: E402
+from hf_gam.vision import build_transforms  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("cat", "dog", "fox")
+COLORS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "fox": (40, 40, 200)}
+SECRET = "hf_thisIsNotARealTokenButMustNeverBeWritten"
+
+
+def load_recipe(name: str):
+    """Import `recipes/<name>.py` as a module (the recipes are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Imagefolder train (8 per class) and validation (4 per class) sets, and a tiny ViT checkpoint."""
+    root = tmp_path_factory.mktemp("recipe_assets")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("validation", 4)):
+        for name in CLASSES:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(COLORS[name]) + rng.normal(0, 40, size=(32, 32, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{name}_{i}.png")
+    model_dir = root / "tiny-vit"
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8, num_labels=10,  # a 10-way head: the recipe must replace it
+    )
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(model_dir)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+        model_dir
+    )
+    return root
+
+
+def base_args(assets: Path, output_dir: Path) -> list[str]:
+    return [
+        "--model_name_or_path", str(assets / "tiny-vit"),
+        "--output_dir", str(output_dir),
+        "--use_cpu",
+        "--per_device_train_batch_size", "8",
+        "--per_device_eval_batch_size", "12",
+        "--num_train_epochs", "1",
+        "--learning_rate", "1e-3",
+        "--dataloader_num_workers", "0",
+        "--logging_steps", "1",
+        "--seed", "0",
+        "--report_to", "none",
+    ]
+
+
+class RecordingGAMTrainer(GAMTrainer):
+    """`GAMTrainer` that remembers its instances, so a test can compare the trained model with the saved one."""
+
+    instances: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        RecordingGAMTrainer.instances.append(self)
+
+
+def validation_batch(assets: Path, processor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel values (eval transform of `processor`) and labels of every validation image."""
+    _, evaluate = build_transforms(processor)
+    dataset = datasets.load_dataset("imagefolder", data_dir=str(assets / "validation"), split="train")
+    pixels = torch.stack([evaluate(image.convert("RGB")) for image in dataset["image"]])
+    return pixels, torch.tensor(dataset["label"])
+
+
+def check_saved_run(output_dir: Path, assets: Path, trained_model=None, metrics=None) -> ModelCard:
+    """Model, processor and card are written; the model reloads and predicts what the trained one did."""
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md"):
+        assert (output_dir / name).is_file(), name
+    reloaded = AutoModelForImageClassification.from_pretrained(output_dir).eval()
+    assert reloaded.config.num_labels == 3 and set(reloaded.config.id2label.values()) == set(CLASSES)
+    processor = AutoImageProcessor.from_pretrained(output_dir)
+    pixels, labels = validation_batch(assets, processor)
+    with torch.no_grad():
+        logits = reloaded(pixel_values=pixels).logits
+    if trained_model is not None:
+        trained_model = trained_model.eval()
+        with torch.no_grad():
+            assert torch.equal(trained_model(pixel_values=pixels).logits, logits)
+    if metrics is not None:
+        accuracy = (logits.argmax(-1) == labels).float().mean().item()
+        assert metrics["eval_accuracy"] == pytest.approx(accuracy)
+    card = ModelCard.load(output_dir / "README.md")
+    assert {"gam", "sharpness-aware", "image-classification"} <= set(card.data.tags)
+    assert GAM_CITATION in card.text
+    return card
+
+
+def card_metric(card_text: str, name: str) -> float:
+    """The value of `- {name}: value` in the stock card's list of final evaluation results."""
+    for line in card_text.splitlines():
+        if line.startswith(f"- {name}: "):
+            return float(line.split(": ", 1)[1])
+    raise AssertionError(f"no final {name!r} in the card")
+
+
+def expected_gam_rows(args) -> dict[str, str]:
+    return {
+        name: repr(value) if isinstance(value, float) else str(value)
+        for name, value in vars(args).items()
+        if name.startswith("gam_")
+    }
+
+
+def test_vit_imagenet_recipe_end_to_end(assets, tmp_path, monkeypatch):
+    recipe = load_recipe("vit_imagenet")
+    monkeypatch.setattr(recipe, "GAMTrainer", RecordingGAMTrainer)
+    output_dir = tmp_path / "imagenet-run"
+    argv = base_args(assets, output_dir) + [
+        "--train_dir", str(assets / "train"),
+        "--validation_dir", str(assets / "validation"),
+        "--gam_grad_rho", "0.015",
+        "--save_strategy", "no",
+    ]
+    metrics = recipe.main(argv)
+    trainer = RecordingGAMTrainer.instances[-1]
+    assert trainer.args.gam_method == "gam" and trainer.args.gam_grad_rho == 0.015
+    assert trainer.state.global_step == 3  # 24 images, batch 8, one epoch
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and "eval_top5_accuracy" not in metrics  # only 3 classes
+    card = check_saved_run(output_dir, assets, trainer.model, metrics)
+    rows = read_gam_section(card.text)
+    assert {k: rows[k] for k in expected_gam_rows(trainer.args)} == expected_gam_rows(trainer.args)
+    assert rows["optim"] == trainer.args.optim.value and rows["total_train_batch_size"] == "8"
+    assert str(assets / "tiny-vit") in card.text  # base checkpoint
+    assert card_metric(card.text, "Accuracy") == pytest.approx(metrics["eval_accuracy"], abs=1e-4)
+
+
+def test_vit_finegrained_recipe_end_to_end(assets, tmp_path, monkeypatch):
+    recipe = load_recipe("vit_finegrained")
+    monkeypatch.setattr(recipe, "GAMTrainer", RecordingGAMTrainer)
+    output_dir = tmp_path / "finegrained-run"
+    argv = base_args(assets, output_dir) + [
+        "--train_dir", str(assets / "train"),
+        "--validation_dir", str(assets / "validation"),
+        "--gam_method", "sam",
+        "--gam_formula", "paper",
+    ]
+    metrics = recipe.main(argv)
+    trainer = RecordingGAMTrainer.instances[-1]
+    card = check_saved_run(output_dir, assets, trainer.model, metrics)
+    rows = read_gam_section(card.text)
+    assert rows["gam_method"] == "sam" and rows["gam_formula"] == "paper"
+    assert list(output_dir.glob("checkpoint-*")), "save_strategy=epoch should leave a checkpoint"
+
+
+def test_finegrained_recipe_on_a_dataset_with_its_own_column_names(assets, tmp_path):
+    """`--dataset_name` (a local folder here) with `--image_column_name/--label_column_name`."""
+    source = datasets.load_dataset("imagefolder", data_dir=str(assets / "train"), split="train")
+    renamed = source.rename_columns({"image": "photo", "label": "species"})
+    data_dir = tmp_path / "custom"
+    data_dir.mkdir()
+    renamed.to_parquet(str(data_dir / "train.parquet"))
+    renamed.select(range(0, 24, 2)).to_parquet(str(data_dir / "test.parquet"))
+    recipe = load_recipe("vit_finegrained")
+    argv = base_args(assets, tmp_path / "custom-run") + [
+        "--dataset_name", str(data_dir),
+        "--eval_split", "test",
+        "--image_column_name", "photo",
+        "--label_column_name", "species",
+        "--max_steps", "1",
+        "--save_strategy", "no",
+        "--gam_method", "none",
+    ]
+    metrics = recipe.main(argv)
+    assert "eval_accuracy" in metrics
+    with pytest.raises(Exception, match="label column 'label'.*photo, species"):
+        recipe.main(argv[: argv.index("--label_column_name")] + ["--max_steps", "1"])
+
+
+def test_recipe_errors_are_one_line_messages(assets, tmp_path):
+    """Run as a script, a bad preset exits with status 2 and one line naming the known presets."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "vit_finegrained.py"), "--dataset", "birdsnap",
+         "--output_dir", str(tmp_path / "x"), "--use_cpu"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: Unknown dataset preset 'birdsnap'")
+    assert "Traceback" not in result.stderr
+
+
+class FakeHub:
+    """Stands in for the Hub behind `HfApi.create_repo` and `HfApi.upload_folder`: uploads land in a folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.created: list[str] = []
+        self.uploads: list[dict] = []
+
+    def create_repo(self, api, repo_id, *, token=None, private=None, exist_ok=False, **kwargs):
+        self.created.append(repo_id)
+        (self.root / repo_id).mkdir(parents=True, exist_ok=True)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, api, *, repo_id, folder_path, path_in_repo=None, commit_message=None, token=None,
+                      run_as_future=False, ignore_patterns=None, allow_patterns=None, **kwargs):
+        self.uploads.append({"repo_id": repo_id, "token": token, "message": commit_message})
+        target = self.root / repo_id / (path_in_repo or "")
+        folder = Path(folder_path)
+        files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        for relative in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(folder / relative, target / relative)
+        result = f"https://huggingface.co/{repo_id}/commit/0"
+        if run_as_future:
+            future = concurrent.futures.Future()
+            future.set_result(result)
+            return future
+        return result
+
+
+def test_push_to_hub_uploads_model_and_gam_card(assets, tmp_path, monkeypatch):
+    hub = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: hub.create_repo(api, repo_id, **kw))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda api, **kw: hub.upload_folder(api, **kw))
+    monkeypatch.setenv("HF_TOKEN", SECRET)  # the usual login; it must not reach arguments, cards or logs
+    recipe = load_recipe("vit_finegrained")
+    monkeypatch.setattr(recipe, "GAMTrainer", RecordingGAMTrainer)
+    output_dir = tmp_path / "push-run"
+    argv = base_args(assets, output_dir) + [
+        "--train_dir", str(assets / "train"),
+        "--validation_dir", str(assets / "validation"),
+        "--push_to_hub",
+        "--hub_model_id", "someone/tiny-vit-gam",
+        "--gam_grad_norm_rho", "0.1",
+        "--gam_gamma", "0.05",
+    ]
+    metrics = recipe.main(argv)
+    args = RecordingGAMTrainer.instances[-1].args
+    assert hub.created == ["someone/tiny-vit-gam"]
+    assert hub.uploads and hub.uploads[-1]["message"] == "End of training"
+    assert all(upload["token"] is None for upload in hub.uploads)
+    remote = tmp_path / "hub" / "someone" / "tiny-vit-gam"
+    card = check_saved_run(remote, assets, metrics=metrics)
+    assert not list(remote.glob("checkpoint-*"))
+    rows = read_gam_section(card.text)
+    assert {k: rows[k] for k in expected_gam_rows(args)} == expected_gam_rows(args)
+    assert rows["gam_grad_norm_rho"] == "0.1" and rows["gam_gamma"] == "0.05"
+    assert rows["optim"] == args.optim.value and rows["learning_rate"] == "0.001"
+    assert "imagefolder" in card.text and str(assets / "tiny-vit") in card.text
+    assert card_metric(card.text, "Accuracy") == pytest.approx(metrics["eval_accuracy"], abs=1e-4)
+    for path in remote.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_recipe_under_accelerate_launch_two_processes(assets, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo): trains, evaluates, saves once."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    assert accelerate is not None, "accelerate's launcher must be installed next to the Python running the tests"
+    output_dir = tmp_path / "ddp-run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        str(REPO / "recipes" / "vit_imagenet.py"),
+        *base_args(assets, output_dir),
+        "--train_dir", str(assets / "train"),
+        "--validation_dir", str(assets / "validation"),
+        "--per_device_train_batch_size", "4",
+        "--max_steps", "2",
+        "--save_strategy", "no",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    eval_results = json.loads((output_dir / "eval_results.json").read_text())
+    train_results = json.loads((output_dir / "train_results.json").read_text())
+    assert "eval_accuracy" in eval_results and train_results["epoch"] > 0
+    card = check_saved_run(output_dir, assets)
+    rows = read_gam_section(card.text)
+    assert rows["num_processes"] == "2" and rows["total_train_batch_size"] == "8"
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 2
