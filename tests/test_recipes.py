@@ -322,3 +322,26 @@ def test_recipe_under_accelerate_launch_two_processes(assets, tmp_path):
     rows = read_gam_section(card.text)
     assert rows["num_processes"] == "2" and rows["total_train_batch_size"] == "8"
     assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 2
+
+
+@pytest.mark.parametrize(
+    "recipe_name, config_name, dataset_name",
+    [("vit_imagenet", "vit_imagenet.yaml", "ILSVRC/imagenet-1k"), ("vit_finegrained", "vit_cars.yaml", "tanganke/stanford_cars")],
+)
+def test_example_configs_parse_to_valid_arguments(recipe_name, config_name, dataset_name, tmp_path):
+    """The shipped YAML files name only real options, with values `GAMConfig` accepts."""
+    from transformers import HfArgumentParser
+
+    from hf_gam import GAMConfig
+    from hf_gam.vision import DataTrainingArguments, ModelArguments, parse_recipe_args, resolve_data, resolve_preset
+
+    recipe = load_recipe(recipe_name)
+    data_class = getattr(recipe, "FineGrainedDataArguments", DataTrainingArguments)
+    parser = HfArgumentParser((ModelArguments, data_class, GAMConfig))
+    argv = ["--config", str(REPO / "recipes" / "configs" / config_name), "--use_cpu", "--bf16", "false",
+            "--output_dir", str(tmp_path)]
+    model_args, data_args, args = parse_recipe_args(parser, recipe.DEFAULTS, argv)
+    assert model_args.model_name_or_path == "google/vit-base-patch16-224-in21k"
+    assert args.gam_method == "gam" and args.learning_rate == 5e-5 and not args.remove_unused_columns
+    preset = resolve_preset(getattr(data_args, "dataset", None) or "imagenet")
+    assert resolve_data(data_args, preset).dataset_name == dataset_name
