@@ -226,3 +226,49 @@ def test_landscape_directions_curves_and_pictures(tmp_path):
     plot_contour({"a": surface}, alphas, str(tmp_path / "s.png"))
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+DDP_SCRIPT = r'''
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+from test_flatness import TinyNet, _ddp_batch
+from hf_gam.flatness import measure_flatness
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.set_num_threads(1)
+model = torch.nn.parallel.DistributedDataParallel(TinyNet().double())
+full = _ddp_batch()
+half = {k: v[rank * 8 : (rank + 1) * 8] for k, v in full.items()}
+result = measure_flatness(model, half, eig_iters=30, trace_samples=5, rho=0.1, ascent_steps=2)
+results = [None] * world
+dist.all_gather_object(results, result)
+if rank == 0:
+    json.dump(results, open(sys.argv[1], "w"))
+dist.destroy_process_group()
+'''
+
+
+def _ddp_batch():
+    g = torch.Generator().manual_seed(5)
+    return {"x": torch.randn(16, 3, generator=g, dtype=torch.float64), "labels": torch.randint(0, 2, (16,), generator=g)}
+
+
+def test_flatness_under_ddp_equals_one_process_on_the_union_batch(tmp_path):
+    import json
+
+    script = tmp_path / "ddp_flatness.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "out.json"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+         str(script), str(out), os.path.join(repo, "tests")],
+        capture_output=True, text=True, timeout=180, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    per_rank = json.loads(out.read_text())
+    assert per_rank[0] == per_rank[1]  # every rank reports the same numbers
+    single = measure_flatness(TinyNet().double(), _ddp_batch(), eig_iters=30, trace_samples=5, rho=0.1, ascent_steps=2)
+    for key in ("loss", "top_eigenvalue", "trace", "grad_norm", "max_grad_norm"):
+        assert per_rank[0][key] == pytest.approx(single[key], rel=1e-8), key

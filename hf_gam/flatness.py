@@ -1,0 +1,463 @@
+"""Flatness of a trained model: top Hessian eigenvalue, Hessian trace and first-order flatness.
+
+All three are measured on one fixed batch, at the current parameters, with the model in evaluation mode
+(no dropout; BatchNorm uses its running statistics), so two measurements of the same weights agree.
+
+* `top_hessian_eigenvalue`: power iteration on Hessian-vector products (double back-propagation).
+  It returns the eigenvalue of largest magnitude, which near a minimum is the top one.
+* `hessian_trace`: Hutchinson's estimator, mean of v^T H v over Rademacher vectors v.
+* `first_order_flatness`: the largest gradient norm found inside the ball of radius rho around the
+  parameters by a few normalized, projected ascent steps on ||grad L||. GAM (Zhang et al., CVPR 2023)
+  defines first-order flatness as R1 = rho * max_{||e|| <= rho} ||grad L(theta + e)||; we report both the
+  maximum norm and R1. Near a minimum R1 ~ rho^2 * lambda_max.
+
+The maths is written over lists of tensors (one per trainable parameter), with a `loss_fn` closure that
+recomputes the scalar loss on the fixed batch.
+
+Data parallel: when `torch.distributed` is initialised, every rank measures on its own batch with the
+unwrapped model and the Hessian-vector products, gradients and scalars are averaged over ranks (all-reduce).
+The random vectors come from a generator seeded identically on every rank, so all ranks follow the same
+iterates and measure the Hessian of the mean loss over the union of their batches.
+
+`FlatnessCallback` logs the three metrics at evaluation time through a `transformers.Trainer`, and
+`python -m hf_gam.flatness CHECKPOINT_DIR` measures a saved image-classification checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+Tensors = list[torch.Tensor]
+
+__all__ = [
+    "FlatnessCallback",
+    "digits_examples",
+    "first_order_flatness",
+    "hessian_trace",
+    "hvp",
+    "measure_flatness",
+    "model_loss_fn",
+    "top_hessian_eigenvalue",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Vector helpers over lists of tensors (accumulated in float64)
+
+
+def _dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> float:
+    total = torch.zeros((), dtype=torch.float64, device=xs[0].device)
+    for x, y in zip(xs, ys):
+        total += torch.sum(x.double() * y.double())
+    return float(total)
+
+
+def _norm(xs: Sequence[torch.Tensor]) -> float:
+    return math.sqrt(max(_dot(xs, xs), 0.0))
+
+
+def _scale(xs: Sequence[torch.Tensor], c: float) -> Tensors:
+    return [x * c for x in xs]
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _mean_over_ranks(xs: Sequence[torch.Tensor]) -> Tensors:
+    """Average a list of tensors over data-parallel ranks (no-op in one process)."""
+    if not _distributed():
+        return list(xs)
+    world = torch.distributed.get_world_size()
+    flat = torch.cat([x.reshape(-1) for x in xs])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    out, offset = [], 0
+    for x in xs:
+        out.append(flat[offset : offset + x.numel()].view_as(x))
+        offset += x.numel()
+    return out
+
+
+def _mean_scalar_over_ranks(value: float, device) -> float:
+    if not _distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t) / torch.distributed.get_world_size()
+
+
+def _random_like(params: Sequence[torch.Tensor], generator: torch.Generator, kind: str) -> Tensors:
+    """Random vectors drawn on the CPU with `generator` (same on every rank), moved to each parameter."""
+    out = []
+    for p in params:
+        if kind == "normal":
+            v = torch.randn(p.shape, generator=generator, dtype=torch.float32)
+        else:  # Rademacher
+            v = torch.randint(0, 2, p.shape, generator=generator).to(torch.float32) * 2 - 1
+        out.append(v.to(device=p.device, dtype=p.dtype))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Gradients and Hessian-vector products
+
+
+def gradients(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], create_graph: bool = False):
+    """Return (loss, [dL/dp]) with zeros for parameters the loss does not reach."""
+    loss = loss_fn()
+    grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    return loss, grads
+
+
+def hvp(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor], vectors: Sequence[torch.Tensor]) -> Tensors:
+    """Hessian-vector product H v, given `grads` computed with `create_graph=True` (the graph is kept)."""
+    hv = torch.autograd.grad(grads, params, grad_outputs=list(vectors), retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, hv)]
+
+
+def top_hessian_eigenvalue(
+    loss_fn: Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    iters: int = 20,
+    tol: float = 1e-3,
+    seed: int = 0,
+) -> dict:
+    """Power iteration on H: the eigenvalue of largest magnitude and the iterations used.
+
+    Stops when the Rayleigh quotient changes by less than `tol` relative to its magnitude, or after `iters`.
+    """
+    params = list(params)
+    generator = torch.Generator().manual_seed(seed)
+    _, grads = gradients(loss_fn, params, create_graph=True)
+    v = _random_like(params, generator, "normal")
+    v = _scale(v, 1.0 / (_norm(v) + 1e-30))
+    eig = None
+    done = 0
+    for done in range(1, iters + 1):
+        hv = _mean_over_ranks(hvp(grads, params, v))
+        new_eig = _dot(v, hv)
+        norm_hv = _norm(hv)
+        if norm_hv == 0.0:
+            eig = 0.0
+            break
+        v = _scale(hv, 1.0 / norm_hv)
+        if eig is not None and abs(new_eig - eig) <= tol * (abs(eig) + 1e-12):
+            eig = new_eig
+            break
+        eig = new_eig
+    return {"top_eigenvalue": eig, "iterations": done}
+
+
+def hessian_trace(
+    loss_fn: Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    samples: int = 20,
+    seed: int = 0,
+) -> dict:
+    """Hutchinson's estimate of tr(H): mean of v^T H v over Rademacher vectors, with its standard error."""
+    params = list(params)
+    generator = torch.Generator().manual_seed(seed + 1)
+    _, grads = gradients(loss_fn, params, create_graph=True)
+    values = []
+    for _ in range(samples):
+        v = _random_like(params, generator, "rademacher")
+        values.append(_dot(v, _mean_over_ranks(hvp(grads, params, v))))
+    mean = sum(values) / len(values)
+    var = sum((x - mean) ** 2 for x in values) / max(len(values) - 1, 1)
+    return {"trace": mean, "trace_stderr": math.sqrt(var / len(values))}
+
+
+def first_order_flatness(
+    loss_fn: Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    rho: float = 0.05,
+    steps: int = 3,
+) -> dict:
+    """Largest gradient norm found in the ball ||e|| <= rho by `steps` normalized, projected ascent steps.
+
+    Each step moves e by rho along u / ||u||, u = grad_e ||grad L(theta + e)|| (a Hessian-vector product),
+    then projects e back onto the ball. The parameters are restored exactly (copied back) afterwards.
+    Returns the gradient norm at theta, the maximum found, and R1 = rho * max.
+    """
+    params = list(params)
+    saved = [p.detach().clone() for p in params]
+    e = [torch.zeros_like(p) for p in params]
+    best = 0.0
+    grad_norm0 = None
+    try:
+        for step in range(steps + 1):
+            with torch.no_grad():
+                for p, s, d in zip(params, saved, e):
+                    p.copy_(s + d)
+            _, grads = gradients(loss_fn, params, create_graph=step < steps)
+            grads_mean = _mean_over_ranks([g.detach() for g in grads])
+            norm = _norm(grads_mean)
+            if grad_norm0 is None:
+                grad_norm0 = norm
+            best = max(best, norm)
+            if step == steps or norm == 0.0:
+                break
+            # d||g|| / dtheta = H g / ||g||, with g the rank-averaged gradient and H averaged over ranks.
+            u = _mean_over_ranks(hvp(grads, params, _scale(grads_mean, 1.0 / norm)))
+            norm_u = _norm(u)
+            if norm_u == 0.0:
+                break
+            e = [d + (rho / norm_u) * x for d, x in zip(e, u)]
+            norm_e = _norm(e)
+            if norm_e > rho:
+                e = _scale(e, rho / norm_e)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+    return {"grad_norm": grad_norm0, "max_grad_norm": best, "first_order_flatness": rho * best}
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def default_loss(model: torch.nn.Module, batch) -> torch.Tensor:
+    """The loss a `Trainer` would use: `model(**batch)` with labels in the batch, then `.loss` (or output[0])."""
+    outputs = model(**batch) if isinstance(batch, Mapping) else model(*batch)
+    if isinstance(outputs, Mapping) or hasattr(outputs, "loss"):
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs.loss
+        if loss is not None:
+            return loss
+    return outputs[0]
+
+
+def model_loss_fn(model: torch.nn.Module, batch, loss: Callable | None = None) -> Callable[[], torch.Tensor]:
+    """A closure recomputing the loss of `model` on `batch` (moved to the model's device)."""
+    loss = loss or default_loss
+    device = next(model.parameters()).device
+    batch = _to_device(batch, device)
+    return lambda: loss(model, dict(batch) if isinstance(batch, Mapping) else batch)
+
+
+@contextlib.contextmanager
+def _measurement_mode(model: torch.nn.Module):
+    """Evaluation mode and the math attention kernel (fused kernels lack double backward); restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernel = sdpa_kernel(SDPBackend.MATH)
+    except ImportError:  # older torch
+        kernel = contextlib.nullcontext()
+    try:
+        with kernel, torch.enable_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def measure_flatness(
+    model: torch.nn.Module,
+    batch,
+    loss: Callable | None = None,
+    eig_iters: int = 20,
+    trace_samples: int = 20,
+    rho: float = 0.05,
+    ascent_steps: int = 3,
+    seed: int = 0,
+    metrics: Sequence[str] = ("eigenvalue", "trace", "first_order"),
+) -> dict:
+    """Measure the chosen metrics of `model` on `batch`; returns a flat dict of floats.
+
+    `model` may be wrapped (DDP); its inner module is used. Under `torch.distributed`, call it on every rank
+    with that rank's batch: results are the same on all ranks.
+    """
+    model = _unwrap(model)
+    for p in model.parameters():
+        if type(p.data).__name__ == "DTensor":
+            raise NotImplementedError("Flatness metrics need full (unsharded) parameters; FSDP is not supported.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("The model has no trainable parameters.")
+    loss_fn = model_loss_fn(model, batch, loss)
+    out = {}
+    with _measurement_mode(model):
+        with torch.no_grad():
+            out["loss"] = _mean_scalar_over_ranks(float(loss_fn()), params[0].device)
+        if "eigenvalue" in metrics:
+            r = top_hessian_eigenvalue(loss_fn, params, iters=eig_iters, seed=seed)
+            out["top_eigenvalue"] = r["top_eigenvalue"]
+        if "trace" in metrics:
+            out.update(hessian_trace(loss_fn, params, samples=trace_samples, seed=seed))
+        if "first_order" in metrics:
+            out.update(first_order_flatness(loss_fn, params, rho=rho, steps=ascent_steps))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer callback
+
+try:
+    from transformers import TrainerCallback
+except ImportError:  # pragma: no cover - transformers is a dependency
+    TrainerCallback = object
+
+
+class FlatnessCallback(TrainerCallback):
+    """Measure flatness at every evaluation and log it with the Trainer's logs as `flatness/*`.
+
+    The fixed batch is `batch` if given, else the first `num_examples` examples of the first evaluation
+    batch (each rank keeps its own under data parallel), frozen at the first evaluation.
+
+    Logging through the Trainer (console, TensorBoard, W&B, `state.log_history`) needs the trainer:
+    use `FlatnessCallback.attach(trainer, ...)` or `callback.bind(trainer)`. Without it, the metrics are
+    still added to the dict `trainer.evaluate()` returns and appended to `state.log_history`.
+    """
+
+    def __init__(self, batch=None, num_examples: int | None = 256, prefix: str = "flatness/", **measure_kwargs):
+        """`measure_kwargs` go to `measure_flatness` (loss, eig_iters, trace_samples, rho, ascent_steps, seed,
+        metrics) and keep its defaults."""
+        self.batch = batch
+        self.num_examples = num_examples
+        self.kwargs = measure_kwargs
+        self.prefix = prefix
+        self.trainer = None
+
+    @classmethod
+    def attach(cls, trainer, **kwargs) -> "FlatnessCallback":
+        """Create a callback, bind it to `trainer` and add it to the trainer's callbacks."""
+        callback = cls(**kwargs)
+        callback.bind(trainer)
+        trainer.add_callback(callback)
+        return callback
+
+    def bind(self, trainer) -> None:
+        self.trainer = trainer
+
+    def _take_batch(self, eval_dataloader):
+        batch = next(iter(eval_dataloader))
+        if self.num_examples is not None:
+            batch = {k: (v[: self.num_examples] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        return {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def measure(self, model) -> dict:
+        values = measure_flatness(model, self.batch, **self.kwargs)
+        return {f"{self.prefix}{k}": v for k, v in values.items()}
+
+    def on_evaluate(self, args, state, control, model=None, eval_dataloader=None, metrics=None, **kwargs):
+        if self.batch is None:
+            if eval_dataloader is None:
+                raise ValueError("FlatnessCallback needs `batch=` or an evaluation dataloader.")
+            self.batch = self._take_batch(eval_dataloader)
+        logs = self.measure(model)
+        if metrics is not None:
+            metrics.update(logs)
+        if self.trainer is not None:
+            self.trainer.log(dict(logs))
+        else:
+            state.log_history.append({**logs, "epoch": state.epoch, "step": state.global_step})
+        return control
+
+
+# --------------------------------------------------------------------------------------------------
+# Data for the command line and the benchmarks
+
+
+def digits_examples(split: str = "test", seed: int = 0) -> list[dict]:
+    """scikit-learn's bundled 8x8 digits as `{"pixel_values": (1, 8, 8) float32 tensor, "labels": int}`.
+
+    Fixed split (seed 0): 30% test; of the rest, 20% validation and 80% train. Pixels scaled to [-1, 1].
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32) / 8.0 - 1.0
+    y = data.target.tolist()
+    idx = list(range(len(y)))
+    rest, test = train_test_split(idx, test_size=0.3, random_state=seed, stratify=y)
+    train, val = train_test_split(rest, test_size=0.2, random_state=seed, stratify=[y[i] for i in rest])
+    chosen = {"train": train, "validation": val, "test": test}[split]
+    return [{"pixel_values": x[i].unsqueeze(0), "labels": int(y[i])} for i in chosen]
+
+
+def _imagefolder_examples(path: str, model) -> list[dict]:
+    """Images under `path/<label>/*` with the checkpoint's image processor (or a plain resize)."""
+    from PIL import Image
+    import os
+
+    labels = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    label2id = getattr(model.config, "label2id", None) or {}
+    size = getattr(model.config, "image_size", 224)
+    channels = getattr(model.config, "num_channels", 3)
+    examples = []
+    for i, name in enumerate(labels):
+        folder = os.path.join(path, name)
+        for f in sorted(os.listdir(folder)):
+            img = Image.open(os.path.join(folder, f)).convert("L" if channels == 1 else "RGB").resize((size, size))
+            x = torch.tensor(list(img.getdata()), dtype=torch.float32).view(size, size, channels).permute(2, 0, 1)
+            examples.append({"pixel_values": x / 127.5 - 1.0, "labels": int(label2id.get(name, i))})
+    return examples
+
+
+def _stack(examples: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": torch.tensor([e["labels"] for e in examples]),
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m hf_gam.flatness",
+        description="Top Hessian eigenvalue, Hessian trace and first-order flatness of a saved "
+        "image-classification checkpoint on a fixed batch.",
+    )
+    parser.add_argument("checkpoint", help="directory written by save_pretrained / a Trainer checkpoint")
+    parser.add_argument("--data", default="digits", help="'digits' (scikit-learn, bundled) or an imagefolder path")
+    parser.add_argument("--split", default="train", help="digits split: train, validation or test")
+    parser.add_argument("--num-examples", type=int, default=256)
+    parser.add_argument("--eig-iters", type=int, default=20)
+    parser.add_argument("--trace-samples", type=int, default=20)
+    parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument("--ascent-steps", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(args.checkpoint)
+    examples = digits_examples(args.split) if args.data == "digits" else _imagefolder_examples(args.data, model)
+    batch = _stack(examples[: args.num_examples])
+    result = measure_flatness(
+        model, batch, eig_iters=args.eig_iters, trace_samples=args.trace_samples, rho=args.rho,
+        ascent_steps=args.ascent_steps, seed=args.seed,
+    )
+    result["num_examples"] = len(batch["labels"])
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
