@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 try:  # FSDP2 shards parameters and gradients as DTensors: the maths runs on the local shards.
@@ -50,6 +51,20 @@ class GAMHyperParams:
     eps: float = 1e-12  # xi
 
 
+@dataclass(frozen=True)
+class DataParallel:
+    """How the ranks of a data-parallel (DDP) run combine their gradients.
+
+    mode "local": every rank runs the passes on its own shard of the batch; the accumulated gradient is averaged
+    once, when `sync_now` says this micro-batch ends the optimizer step. mode "global": the gradient of every pass
+    is averaged before it is used, so a step equals one-process GAM on the global batch.
+    """
+
+    mode: str = "local"
+    sync_now: bool = True
+    group: Optional[object] = None  # a torch.distributed process group; None means the default group
+
+
 @dataclass
 class GAMStats:
     """What one micro-batch's passes measured. Tensors stay on the device (no host sync is forced)."""
@@ -59,11 +74,79 @@ class GAMStats:
     flatness: float = math.nan  # ||g1 - g0|| / rho'
     cos: float = math.nan  # cosine of h- and h+ (GAM only)
     skipped: bool = False  # a pass produced a non-finite gradient; the passes stopped
+    collectives: int = 0  # gradient all-reduces this micro-batch issued
 
 
 def local_tensor(t: Tensor) -> Tensor:
     """The part of `t` stored on this process: the local shard of a DTensor, `t` itself otherwise."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+BUCKET_BYTES = 25 * 2**20  # the bucket size DDP uses by default
+
+
+def all_reduce_mean_(
+    tensors: Sequence[Tensor],
+    group: Optional[object] = None,
+    scratch: Optional[dict[tuple, Tensor]] = None,
+    bucket_bytes: int = BUCKET_BYTES,
+) -> int:
+    """Average `tensors` over the ranks of `group`, in place; returns the number of all-reduces issued.
+
+    Tensors of one device and dtype are packed into a flat bucket: `scratch[(device, dtype)]` when it is given and
+    large enough (one all-reduce for all of them, no new memory), otherwise buckets of at most `bucket_bytes`.
+    """
+    world_size = dist.get_world_size(group)
+    by_kind: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.device, t.dtype), []).append(t)
+    calls = 0
+    for kind, group_tensors in by_kind.items():
+        flat_scratch = (scratch or {}).get(kind)
+        total = sum(t.numel() for t in group_tensors)
+        if flat_scratch is not None and flat_scratch.numel() >= total:
+            chunks = [group_tensors]
+        else:
+            flat_scratch = None
+            chunks = _chunks(group_tensors, max(bucket_bytes // group_tensors[0].element_size(), 1))
+        for chunk in chunks:
+            sizes = [t.numel() for t in chunk]
+            numel = sum(sizes)
+            flat = flat_scratch[:numel] if flat_scratch is not None else torch.empty(numel, dtype=kind[1], device=kind[0])
+            views = [v.view_as(t) for v, t in zip(flat.split(sizes), chunk)]
+            torch._foreach_copy_(views, list(chunk))
+            dist.all_reduce(flat, group=group)
+            calls += 1
+            flat.div_(world_size)
+            torch._foreach_copy_(list(chunk), views)
+    return calls
+
+
+def _chunks(tensors: list[Tensor], max_numel: int) -> list[list[Tensor]]:
+    """Consecutive runs of `tensors` of at most `max_numel` elements (a larger tensor stands alone)."""
+    chunks: list[list[Tensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if chunks[-1] and size + t.numel() > max_numel:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(t)
+        size += t.numel()
+    return chunks
+
+
+def sharded_sum(params: Sequence[Tensor]) -> ReduceFn:
+    """For DTensor parameters sharded by FSDP2: sums a partial scalar over every mesh dimension that shards them
+    (replicated dimensions already hold equal values)."""
+    first = params[0]
+    groups = [first.device_mesh.get_group(dim) for dim, p in enumerate(first.placements) if p.is_shard()]
+
+    def reduce(total: Tensor) -> Tensor:
+        for group in groups:
+            dist.all_reduce(total, group=group)
+        return total
+
+    return reduce
 
 
 def _accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
@@ -209,25 +292,38 @@ class GAMStep:
     `params` are the trainable parameters; gradients already in their `.grad` (earlier micro-batches of
     the same optimizer step) are set aside during the passes and added back after, so each micro-batch
     contributes its own direction. Parameters that receive no gradient in the first pass take no part.
+
+    The work buffers are flat tensors, one per (device, dtype), with a view per parameter: a free buffer then
+    doubles as the bucket of a single all-reduce.
     """
 
     def __init__(self, params: Iterable[Tensor]) -> None:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("The model has no trainable parameters (every parameter has requires_grad=False).")
-        self._buffers: dict[str, list[Optional[Tensor]]] = {}
+        self._flat: dict[str, dict[tuple, Tensor]] = {}
+        self._views: dict[str, list[Tensor]] = {}
 
     def _buffer(self, name: str, index: list[int]) -> list[Tensor]:
-        """The work buffer `name` for the parameters at `index` (allocated once, on first use)."""
-        store = self._buffers.setdefault(name, [None] * len(self.params))
-        for i in index:
-            if store[i] is None:
-                store[i] = torch.empty_like(local_tensor(self.params[i].detach()))
-        return [store[i] for i in index]
+        """The views of work buffer `name` for the parameters at `index` (allocated once, on first use)."""
+        if name not in self._views:
+            locals_ = [local_tensor(p.detach()) for p in self.params]
+            sizes: dict[tuple, int] = {}
+            for t in locals_:
+                sizes[(t.device, t.dtype)] = sizes.get((t.device, t.dtype), 0) + t.numel()
+            flat = {kind: torch.empty(n, dtype=kind[1], device=kind[0]) for kind, n in sizes.items()}
+            offsets = dict.fromkeys(sizes, 0)
+            views = []
+            for t in locals_:
+                kind = (t.device, t.dtype)
+                views.append(flat[kind][offsets[kind] : offsets[kind] + t.numel()].view_as(t))
+                offsets[kind] += t.numel()
+            self._flat[name], self._views[name] = flat, views
+        return [self._views[name][i] for i in index]
 
     def buffer_numel(self) -> int:
         """Elements held in work buffers, to compare with the number of trainable parameter elements."""
-        return sum(t.numel() for store in self._buffers.values() for t in store if t is not None)
+        return sum(t.numel() for flat in self._flat.values() for t in flat.values())
 
     def run(
         self,
@@ -238,73 +334,81 @@ class GAMStep:
         norm_modules: Sequence[nn.Module] = (),
         same_rng: bool = True,
         reduce: Optional[ReduceFn] = None,
-        average_grads: Optional[AverageFn] = None,
+        data_parallel: Optional[DataParallel] = None,
     ) -> GAMStats:
         """Run the passes and leave d (plus the set-aside gradients) in `p.grad`.
 
+        In DDP "local" mode the micro-batch that ends the optimizer step also averages the accumulated gradients
+        over the ranks, once.
+
         Args:
-            forward_backward: runs one forward and backward pass on the micro-batch, returns the loss.
+            forward_backward: runs one forward and backward pass on the micro-batch, returns the loss. It must not
+                synchronise gradients across data-parallel ranks itself (run it under DDP's `no_sync`).
             hp: the hyper-parameters; `grad_rho`/`grad_norm_rho` override its radii (for schedules).
             norm_modules: BatchNorm-type layers; only pass 1 moves their running statistics.
             same_rng: give passes 2-4 the random state pass 1 started with (same dropout masks).
-            reduce: sums partial scalars over shards/ranks (FSDP, or DDP with global semantics).
-            average_grads: averages each pass's gradients over ranks before they are used (DDP global).
+            reduce: sums partial scalars over the shards of a sharded (FSDP) model.
+            data_parallel: the DDP semantics (see `DataParallel`); None in one process and under FSDP.
         """
+        stats = self._run_passes(forward_backward, hp, grad_rho, grad_norm_rho, norm_modules, same_rng, reduce,
+                                 data_parallel)
+        if data_parallel is not None and data_parallel.mode == "local" and data_parallel.sync_now:
+            stats.collectives += self.average_gradients(data_parallel.group)
+        return stats
+
+    def _run_passes(self, forward_backward, hp, grad_rho, grad_norm_rho, norm_modules, same_rng, reduce,
+                    data_parallel) -> GAMStats:
         rho_prime = hp.grad_rho if grad_rho is None else grad_rho
         rho = hp.grad_norm_rho if grad_norm_rho is None else grad_norm_rho
         params = self.params
         set_aside = [p.grad for p in params]
         for p in params:
             p.grad = None
+        average_each_pass = data_parallel is not None and data_parallel.mode == "global"
 
         rng_start = RandomState() if same_rng else None
-        rng_after_first = None
+        rng_after_first: Optional[RandomState] = None
         restore_from: Optional[list[Tensor]] = None
         index: list[int] = []
-        stats = None
+        stats = GAMStats(loss=torch.tensor(math.nan))
 
-        def run_pass(pass_index: int) -> Optional[list[Tensor]]:
-            """One forward/backward; returns the local gradients of the active parameters, or None if any
-            of them is not finite (then the passes stop)."""
+        def run_pass(pass_index: int, free_buffer: Optional[str]) -> list[Tensor]:
+            """One forward/backward; returns the local gradients of the active parameters (averaged over
+            ranks first in global mode, using the free work buffer as the bucket when there is one)."""
             nonlocal rng_after_first
             if pass_index == 0:
-                loss = forward_backward(0)
+                stats.loss = forward_backward(0)
                 rng_after_first = RandomState() if same_rng else None
-                stats_loss.append(loss)
                 index.extend(i for i, p in enumerate(params) if p.grad is not None)
+                if not index:
+                    raise RuntimeError("No trainable parameter received a gradient: does the loss depend on them?")
             else:
                 if rng_start is not None:
                     rng_start.restore()
                 with frozen_norm_statistics(norm_modules):
                     forward_backward(pass_index)
-            grads = []
             for i in index:
-                p = params[i]
-                if p.grad is None:  # used at theta but not at the perturbed point
-                    p.grad = torch.zeros_like(p)
-                grads.append(local_tensor(p.grad))
-            if average_grads is not None:
-                average_grads(grads)
+                if params[i].grad is None:  # used at theta but not at the perturbed point
+                    params[i].grad = torch.zeros_like(params[i])
+            grads = [local_tensor(params[i].grad) for i in index]
+            if average_each_pass:
+                scratch = self._flat[free_buffer] if free_buffer is not None and free_buffer in self._flat else None
+                stats.collectives += all_reduce_mean_(grads, data_parallel.group, scratch)
             return grads
 
-        stats_loss: list[Tensor] = []
+        def finite(value: float) -> bool:
+            if math.isfinite(value):
+                return True
+            stats.skipped = True
+            return False
+
         try:
-            g = run_pass(0)
-            stats = GAMStats(loss=stats_loss[0])
-            if not index:
-                raise RuntimeError("No trainable parameter received a gradient: check that the loss depends on them.")
-            theta_params = [local_tensor(params[i].detach()) for i in index]
-
-            def finite(value: float) -> bool:
-                if math.isfinite(value):
-                    return True
-                stats.skipped = True
-                return False
-
             # Pass 1: g0 at theta. Save theta and g0 (into the h- buffer).
+            g = run_pass(0, free_buffer="h_minus")
             stats.grad_norm = global_norm(g, reduce)
             if not finite(stats.grad_norm):
                 return stats
+            theta_params = [local_tensor(params[i].detach()) for i in index]
             theta = self._buffer("theta", index)
             h_minus = self._buffer("h_minus", index)
             torch._foreach_copy_(theta, theta_params)
@@ -314,7 +418,7 @@ class GAMStep:
             self._release_grads(index)
 
             # Pass 2: g1 at theta1. The parameters become scratch for h0 = g1 - g0.
-            g = run_pass(1)
+            g = run_pass(1, free_buffer="g1_scaled")
             torch._foreach_copy_(theta_params, g)
             torch._foreach_sub_(theta_params, h_minus)
             if hp.method == "sam":
@@ -333,14 +437,14 @@ class GAMStep:
             self._release_grads(index)
 
             # Pass 3: g2 at theta2; h- gets (1 - beta) g2; theta3 = theta2 + rho' g2 / ||g2||.
-            g = run_pass(2)
+            g = run_pass(2, free_buffer=None)
             if not finite(ascend_(theta_params, g, rho_prime, hp.eps, hp.adaptive, reduce)):
                 return stats
             torch._foreach_add_(h_minus, g, alpha=1.0 - hp.beta)
             self._release_grads(index)
 
             # Pass 4: g3 at theta3; h+ = alpha g1 + (1 - alpha) g3 is built in p.grad, then d.
-            g = run_pass(3)
+            g = run_pass(3, free_buffer=None)
             torch._foreach_mul_(g, 1.0 - hp.alpha)
             torch._foreach_add_(g, g1_scaled)
             cos, norm_plus = remove_orthogonal_part_(g, h_minus, hp.gamma, hp.eps, reduce)
@@ -359,6 +463,21 @@ class GAMStep:
                     p.grad = earlier
                 else:
                     p.grad.add_(earlier)
+
+    def average_gradients(self, group: Optional[object] = None) -> int:
+        """Average the accumulated gradients over the ranks in one bucketed all-reduce; returns the count.
+
+        A parameter with no gradient here takes part with zeros; it keeps no gradient if the average is zero on
+        every rank (unused everywhere), as DDP leaves globally unused parameters.
+        """
+        missing = [p.grad is None for p in self.params]
+        grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(local_tensor(p.detach()))
+                 for p in self.params]
+        calls = all_reduce_mean_(grads, group, scratch=self._flat.get("h_minus"))
+        for p, g, was_missing in zip(self.params, grads, missing):
+            if was_missing and bool(g.any()):
+                p.grad = g
+        return calls
 
     def _release_grads(self, index: list[int]) -> None:
         for i in index:

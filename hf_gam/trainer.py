@@ -1,5 +1,6 @@
 """`GAMTrainer`: the Hugging Face `Trainer` with GAM's passes inside `training_step`."""
 
+import contextlib
 import dataclasses
 import os
 from typing import Any, Optional
@@ -11,7 +12,7 @@ from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
 from .config import GAMConfig, validate_gam_fields
-from .gam import GAMHyperParams, GAMStats, GAMStep, norm_layers
+from .gam import DTensor, DataParallel, GAMHyperParams, GAMStats, GAMStep, norm_layers, sharded_sum
 
 logger = logging.get_logger(__name__)
 
@@ -47,6 +48,10 @@ class GAMTrainer(Trainer):
         validate_gam_fields(args)
         if args.deepspeed:
             raise ValueError(_DEEPSPEED_MESSAGE)
+        if args.ddp_find_unused_parameters is None and args.gam_method != "none" and args.gam_interval == 1:
+            # Every pass runs under `no_sync`, where DDP never reduces, so its search for unused parameters (a graph
+            # walk per forward) would buy nothing. Gradients are averaged by GAMTrainer itself.
+            args.ddp_find_unused_parameters = False
         super().__init__(model, args, *positional, **kwargs)
         if self.is_deepspeed_enabled:
             raise ValueError(_DEEPSPEED_MESSAGE)
@@ -68,8 +73,21 @@ class GAMTrainer(Trainer):
         )
         self._gam_step: Optional[GAMStep] = None
         self._gam_norm_layers: list[nn.Module] = []
-        if self.args.gam_method != "none" and not any(p.requires_grad for p in self.model.parameters()):
-            raise ValueError("GAMTrainer: the model has no trainable parameters (all have requires_grad=False).")
+        if self.args.gam_method != "none":
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            if not trainable:
+                raise ValueError("GAMTrainer: the model has no trainable parameters (all have requires_grad=False).")
+            if self.is_fsdp_enabled and not getattr(self.accelerator, "is_fsdp2", False):
+                raise ValueError(
+                    "GAMTrainer supports FSDP2 only (FSDP1 flattens parameters, so GAM cannot restore them exactly): "
+                    "set `fsdp_version: 2` in the FSDP config (`fsdp_config={'version': 2}`)."
+                )
+            if any(p.dtype in (torch.float16, torch.bfloat16) for p in trainable):
+                logger.warning(
+                    "GAMTrainer: some trainable parameters are 16-bit. The finite differences g1 - g0 and the "
+                    "perturbations lose precision in 16 bits; keep float32 parameters and use `bf16=True` or "
+                    "`fp16=True` (autocast) for mixed precision."
+                )
         self._gam_sums: Optional[torch.Tensor] = None
         self._gam_count = 0
         self._gam_radii = (self.args.gam_grad_rho, self.args.gam_grad_norm_rho)
@@ -94,9 +112,11 @@ class GAMTrainer(Trainer):
             inputs = self._prepare_inputs(inputs)
             step = self._get_gam_step(model)
 
+            data_parallel, reduce, sync_context = self._gam_parallelism(model, step)
+
             def forward_backward(pass_index: int) -> torch.Tensor:
                 # A fresh shallow copy each pass: `compute_loss` pops "labels" when label smoothing is on.
-                with self.accelerator.no_sync(model):
+                with sync_context():
                     with self.compute_loss_context_manager():
                         loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
                     if self.args.n_gpu > 1:
@@ -114,6 +134,8 @@ class GAMTrainer(Trainer):
                 grad_norm_rho=grad_norm_rho,
                 norm_modules=self._gam_norm_layers,
                 same_rng=self.args.gam_same_rng,
+                reduce=reduce,
+                data_parallel=data_parallel,
             )
             del inputs
         self._record_gam_stats(stats, grad_rho, grad_norm_rho)
@@ -130,6 +152,25 @@ class GAMTrainer(Trainer):
             self._gam_step = GAMStep(model.parameters())
             self._gam_norm_layers = norm_layers(model)
         return self._gam_step
+
+    def _gam_parallelism(self, model: nn.Module, step: GAMStep):
+        """(data_parallel, reduce, sync_context) for this micro-batch.
+
+        DDP: every pass under `no_sync`; GAMStep averages the gradients itself ("local": once per optimizer step;
+        "global": after every pass). FSDP2: every pass reduce-scatters its gradient (sync forced on, also inside the
+        Trainer's `no_sync` for early micro-batches), and norms and inner products are summed over the shards, so a
+        step equals one-process GAM on the global batch.
+        """
+        if isinstance(step.params[0], DTensor):
+            def synced():
+                model.set_requires_gradient_sync(True)
+                return contextlib.nullcontext()
+
+            return None, sharded_sum(step.params), synced
+        if self.accelerator.num_processes > 1:
+            data_parallel = DataParallel(mode=self.args.gam_sync, sync_now=self.accelerator.sync_gradients)
+            return data_parallel, None, lambda: self.accelerator.no_sync(model)
+        return None, None, contextlib.nullcontext
 
     def _current_radii(self) -> tuple[float, float]:
         """(rho', rho), scaled by the current over the initial learning rate when `gam_rho_schedule="lr"`."""

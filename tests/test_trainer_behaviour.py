@@ -232,7 +232,7 @@ def test_work_buffers_are_at_most_three_parameter_copies(tmp_path):
     step = trainer._gam_step
     numel = sum(p.numel() for p in model.parameters())
     assert step.buffer_numel() == 3 * numel
-    first = [t.data_ptr() for store in step._buffers.values() for t in store]
+    first = [t.data_ptr() for flat in step._flat.values() for t in flat.values()]
     trainer.args.max_steps = 4
     trainer.train(resume_from_checkpoint=False)
-    assert [t.data_ptr() for store in step._buffers.values() for t in store] == first
+    assert [t.data_ptr() for flat in step._flat.values() for t in flat.values()] == first
