@@ -150,16 +150,19 @@ def sharded_sum(params: Sequence[Tensor]) -> ReduceFn:
 
 
 def _accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """float64 for float64 tensors; float32 otherwise (16-bit tensors are accumulated at least in float32)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def sum_of_squares(tensors: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> Tensor:
-    """sum_i ||t_i||^2, accumulated in float32 (float64 for float64 tensors), then summed by `reduce`."""
-    dtype = _accumulation_dtype(tensors)
+    """sum_i ||t_i||^2, accumulated in float64, then summed by `reduce`."""
     if len(tensors) == 0:
-        total = torch.zeros((), dtype=dtype)
+        total = torch.zeros((), dtype=torch.float64)
     else:
         device = tensors[0].device
+        # In float64 (MPS has none: float32 there): a loss-scaled float32 gradient near 1e38 is finite, its
+        # square is not, and a false overflow would skip a good step.
+        dtype = torch.float32 if device.type == "mps" else torch.float64
         norms = torch._foreach_norm(tensors, 2, dtype=dtype)
         total = torch.stack([n.to(device) for n in norms]).square().sum()
     return reduce(total) if reduce is not None else total
@@ -171,7 +174,7 @@ def global_norm(tensors: Sequence[Tensor], reduce: Optional[ReduceFn] = None) ->
 
 
 def global_dot(a: Sequence[Tensor], b: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> float:
-    """<a, b> over all the tensors (and shards), accumulated as `sum_of_squares` does."""
+    """<a, b> over all the tensors (and shards), accumulated in float32 (float64 for float64 tensors)."""
     dtype = _accumulation_dtype(a)
     device = a[0].device
     parts = [torch.sum(x * y, dtype=dtype).to(device) for x, y in zip(a, b)]
@@ -397,9 +400,12 @@ class GAMStep:
             return grads
 
         def finite(value: float) -> bool:
+            """False (and the step marked skipped, its gradient made non-finite) when `value` is not finite."""
             if math.isfinite(value):
                 return True
             stats.skipped = True
+            # A loss scaler skips the step only if it finds a non-finite gradient: make sure there is one.
+            params[index[0]].grad.view(-1)[0] = math.nan
             return False
 
         try:
