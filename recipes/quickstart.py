@@ -50,7 +50,7 @@ def accuracy(eval_pred) -> dict[str, float]:
 def main(argv=None) -> dict[str, float]:
     parser = HfArgumentParser((QuickstartArguments, GAMConfig))
     defaults = [
-        "--output_dir", "outputs/quickstart", "--num_train_epochs", "10", "--per_device_train_batch_size", "64",
+        "--output_dir", "outputs/quickstart", "--num_train_epochs", "10", "--per_device_train_batch_size", "16",
         "--per_device_eval_batch_size", "256", "--learning_rate", "1e-3", "--weight_decay", "0.05",
         "--warmup_steps", "20", "--eval_strategy", "epoch", "--save_strategy", "no", "--logging_steps", "20",
         "--report_to", "none", "--remove_unused_columns", "false", "--dataloader_num_workers", "0",
