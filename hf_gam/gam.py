@@ -421,7 +421,7 @@ class GAMStep:
             torch._foreach_copy_(h_minus, g)
             restore_from = theta
             ascend_(theta_params, g, rho_prime, hp.eps, hp.adaptive, reduce)  # theta1
-            self._release_grads(index)
+            self._release_grads(index, g)
 
             # Pass 2: g1 at theta1. The parameters become scratch for h0 = g1 - g0.
             g = run_pass(1, free_buffer="g1_scaled")
@@ -440,14 +440,14 @@ class GAMStep:
             torch._foreach_mul_(g1_scaled, hp.alpha)
             if hp.formula == "paper":
                 torch._foreach_mul_(h_minus, hp.beta)
-            self._release_grads(index)
+            self._release_grads(index, g)
 
             # Pass 3: g2 at theta2; h- gets (1 - beta) g2; theta3 = theta2 + rho' g2 / ||g2||.
             g = run_pass(2, free_buffer=None)
             if not finite(ascend_(theta_params, g, rho_prime, hp.eps, hp.adaptive, reduce)):
                 return stats
             torch._foreach_add_(h_minus, g, alpha=1.0 - hp.beta)
-            self._release_grads(index)
+            self._release_grads(index, g)
 
             # Pass 4: g3 at theta3; h+ = alpha g1 + (1 - alpha) g3 is built in p.grad, then d.
             g = run_pass(3, free_buffer=None)
@@ -485,6 +485,9 @@ class GAMStep:
                 p.grad = g
         return calls
 
-    def _release_grads(self, index: list[int]) -> None:
+    def _release_grads(self, index: list[int], grads: list[Tensor]) -> None:
+        """Drop this pass's gradients (from `p.grad` and from the caller's list), so that their memory is free
+        before the next backward allocates the next ones."""
         for i in index:
             self.params[i].grad = None
+        grads.clear()
