@@ -1,7 +1,8 @@
 """Gradient norm Aware Minimization (GAM) for the Hugging Face Trainer."""
 
 from .config import GAMConfig
+from .flatness import FlatnessCallback
 from .trainer import GAMTrainer
 
-__all__ = ["GAMConfig", "GAMTrainer"]
+__all__ = ["FlatnessCallback", "GAMConfig", "GAMTrainer"]
 __version__ = "0.1.0"
