@@ -17,6 +17,7 @@ Every arm trains the same model (same initial weights) on the same batches throu
   `reduce_scatter_tensor`, `all_gather_into_tensor`, `broadcast` (and `all_gather`, `reduce`) before anything
   else is imported, and registers a counting communication hook on the DDP model, since DDP's own gradient
   all-reduce is issued from C++ and bypasses the Python functions. Counted between step begin and step end.
+  The same worker also times every arm under 2 ranks, interleaved over 3 rounds, as ratios to the stock step.
 
     python benchmarks/step_cost.py            # full setting, a few minutes on 2 cores
     python benchmarks/step_cost.py --quick    # seconds
@@ -206,42 +207,53 @@ DIST_ARMS = {
 }
 
 
-def collectives_worker(setting: str, out_path: str) -> None:
-    """Runs on every rank under torchrun: per-step collective counts of each arm, written by rank 0."""
+def collectives_worker(setting: str, out_path: str, rounds: int = 3) -> None:
+    """Runs on every rank under torchrun. Per arm: collective counts per step (first round) and the step time
+    relative to the stock Trainer (each round runs every arm, in a rotated order). Written by rank 0."""
     from transformers import TrainerCallback
 
     s = dict(SETTINGS[setting])
-    s["steps"] = 4
-    results = {}
-    for name, arm in DIST_ARMS.items():
-        clock = StepClock()
-        holder = {}
+    names = list(DIST_ARMS)
+    counts, times = {}, {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            arm = DIST_ARMS[name]
+            clock = StepClock()
+            holder = {}
 
-        class HookInstaller(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                ddp = holder["trainer"].model_wrapped
-                if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            class HookInstaller(TrainerCallback):
+                def on_train_begin(self, args, state, control, **kwargs):
+                    ddp = holder["trainer"].model_wrapped
+                    if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
 
-                    def hook(state_, bucket):
-                        # DDP's default reduction (average), issued through the uncounted original function.
-                        COUNTS["DDP bucket all_reduce"] = COUNTS.get("DDP bucket all_reduce", 0) + 1
-                        tensor = bucket.buffer().div_(torch.distributed.get_world_size())
-                        future = _ORIGINAL["all_reduce"](tensor, async_op=True).get_future()
-                        return future.then(lambda f: f.value()[0])
+                        def hook(state_, bucket):
+                            # DDP's default reduction (average), issued through the uncounted original function.
+                            COUNTS["DDP bucket all_reduce"] = COUNTS.get("DDP bucket all_reduce", 0) + 1
+                            tensor = bucket.buffer().div_(torch.distributed.get_world_size())
+                            future = _ORIGINAL["all_reduce"](tensor, async_op=True).get_future()
+                            return future.then(lambda f: f.value()[0])
 
-                    ddp.register_comm_hook(None, hook)
+                        ddp.register_comm_hook(None, hook)
 
-        data = make_data(s, 2 * s["steps"] * arm.get("gradient_accumulation_steps", 1))
-        with tempfile.TemporaryDirectory() as out_dir:
-            trainer = make_trainer(make_model(s), data, s, arm, s["steps"], out_dir, [HookInstaller(), clock.callback])
-            holder["trainer"] = trainer
-            trainer.train()
-        steps = clock.counts[1:]  # drop the first step
-        keys = sorted({k for c in steps for k in c})
-        results[name] = {k: statistics.median([c.get(k, 0) for c in steps]) for k in keys}
+            data = make_data(s, 2 * s["steps"] * arm.get("gradient_accumulation_steps", 1))
+            with tempfile.TemporaryDirectory() as out_dir:
+                trainer = make_trainer(make_model(s), data, s, arm, s["steps"], out_dir,
+                                       [HookInstaller(), clock.callback])
+                holder["trainer"] = trainer
+                trainer.train()
+            times[name].append(statistics.mean(clock.times[s["drop"]:]))
+            if r == 0:
+                steps = clock.counts[1:]  # drop the first step
+                keys = sorted({k for c in steps for k in c})
+                counts[name] = {k: statistics.median([c.get(k, 0) for c in steps]) for k in keys}
+    stock = times["stock Trainer"]
+    ratios = {}
+    for name, values in times.items():
+        per_round = [t / b for t, b in zip(values, stock)]
+        ratios[name] = (statistics.median(per_round), min(per_round), max(per_round))
     if torch.distributed.get_rank() == 0:
         with open(out_path, "w") as f:
-            json.dump(results, f)
+            json.dump({"counts": counts, "ratios": ratios}, f)
 
 
 def count_collectives(setting: str) -> dict:
@@ -290,12 +302,17 @@ def markdown(result: dict) -> str:
         mem_text = "n/a" if mem is None else f"{mem:+.2f}"
         lines.append(f"| {name} | {med:.2f} | {lo:.2f} - {hi:.2f} | {mem_text} |")
     if result["collectives"] is not None:
-        keys = sorted({k for c in result["collectives"].values() for k in c})
-        lines += ["", "Collectives per optimizer step, 2 ranks (torchrun, gloo), median over steps 2-4:", ""]
-        lines.append("| arm | " + " | ".join(keys) + " |")
-        lines.append("|---|" + "---|" * len(keys))
-        for name, c in result["collectives"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{c.get(k, 0):g}" for k in keys) + " |")
+        counts, ratios = result["collectives"]["counts"], result["collectives"]["ratios"]
+        keys = sorted({k for c in counts.values() for k in c})
+        lines += ["", "2 ranks (torchrun, gloo, 1 thread each): collectives per optimizer step (median over steps 2 "
+                  f"to {s['steps']} of the first round) and time per step relative to the stock Trainer (median "
+                  "and range over 3 interleaved rounds):", ""]
+        lines.append("| arm | " + " | ".join(keys) + " | time / stock | range |")
+        lines.append("|---|" + "---|" * (len(keys) + 2))
+        for name, c in counts.items():
+            med, lo, hi = ratios[name]
+            lines.append(f"| {name} | " + " | ".join(f"{c.get(k, 0):g}" for k in keys)
+                         + f" | {med:.2f} | {lo:.2f} - {hi:.2f} |")
     return "\n".join(lines)
 
 

@@ -30,14 +30,16 @@ def test_step_cost_quick_setting():
     memory = result["memory"]
     assert memory["stock Trainer"] == 0.0
     assert all(v is None or math.isfinite(v) for v in memory.values())
-    counts = result["collectives"]
+    counts = result["collectives"]["counts"]
     assert set(counts) == set(step_cost.DIST_ARMS)
+    assert result["collectives"]["ratios"]["stock Trainer"][0] == 1.0
+    assert all(math.isfinite(r[0]) and r[0] > 0 for r in result["collectives"]["ratios"].values())
     # Under 2 ranks every arm must reduce its gradients at least once per optimizer step, or ranks drift apart.
     for name, c in counts.items():
         reductions = c.get("DDP bucket all_reduce", 0) + c.get("all_reduce", 0) + c.get("reduce_scatter_tensor", 0)
         assert reductions >= 1, f"{name}: no gradient reduction per step ({c})"
     table = step_cost.markdown(result)
-    assert "| GAM |" in table and "Collectives per optimizer step" in table
+    assert "| GAM |" in table and "collectives per optimizer step" in table
 
 
 def test_generalization_quick_setting(tmp_path):
