@@ -67,7 +67,7 @@ class DataParallel:
 
 @dataclass
 class GAMStats:
-    """What one micro-batch's passes measured. Tensors stay on the device (no host sync is forced)."""
+    """What one micro-batch's passes measured (the loss stays a device tensor, as the Trainer expects)."""
 
     loss: Tensor  # loss at theta (pass 1), as the stock training step returns it
     grad_norm: float = math.nan  # ||g0||

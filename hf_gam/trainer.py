@@ -39,8 +39,6 @@ class GAMTrainer(Trainer):
     callbacks and logging run unchanged. `gam_method="none"` is the stock Trainer.
     """
 
-    _tag_names = ["gam", "sharpness-aware"]
-
     def __init__(self, model=None, args: Optional[TrainingArguments] = None, *positional, **kwargs):
         if args is None:
             args = GAMConfig(output_dir="trainer_output")
@@ -205,16 +203,17 @@ class GAMTrainer(Trainer):
         if count == 0:
             return {}
         skipped = sums[3].item()
-        finite = max(count - skipped, 1.0)
         logs = {
-            "gam/grad_norm": sums[0].item() / finite,
-            "gam/flatness": sums[1].item() / finite,
             "gam/grad_rho": self._gam_radii[0],
             "gam/grad_norm_rho": self._gam_radii[1],
             "gam/skipped_steps": skipped,
         }
-        if self.args.gam_method == "gam":
-            logs["gam/cos"] = sums[2].item() / finite
+        finite = count - skipped  # the means cover the micro-batches whose passes all finished
+        if finite > 0:
+            logs["gam/grad_norm"] = sums[0].item() / finite
+            logs["gam/flatness"] = sums[1].item() / finite
+            if self.args.gam_method == "gam":
+                logs["gam/cos"] = sums[2].item() / finite
         return logs
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:

@@ -93,6 +93,8 @@ def test_grad_scaler_overflow_skips_the_step_and_training_goes_on(tmp_path):
     assert torch.equal(params_1, theta)  # skipped: theta bit for bit, no NaN
     assert scale_1 == lowered  # lowered by the backoff factor
     assert trainer.state.log_history[0]["gam/skipped_steps"] == 1
+    assert "gam/grad_norm" not in trainer.state.log_history[0]  # no mean over zero finished micro-batches
+    assert trainer.state.log_history[1]["gam/grad_norm"] > 0
     final, final_scale = recorder.after[-1]
     assert torch.isfinite(final).all() and not torch.equal(final, theta)
     assert final_scale == lowered
