@@ -1,6 +1,7 @@
 """GAM across 2 CPU processes (gloo): DDP local and global modes, FSDP2, and `accelerate launch`."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -99,7 +100,10 @@ def test_accelerate_launch_two_processes_trains_and_checkpoint_loads(tmp_path):
     from safetensors.torch import load_file
 
     out_dir = tmp_path / "launch"
-    launch(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    # The launcher installed next to the Python running the tests (the venv may not be on PATH).
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    assert accelerate is not None, "accelerate's launcher must be installed next to the Python running the tests"
+    launch([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join("distributed", "train_launch.py")],
            out_dir)
     result = torch.load(out_dir / "result.pt")
