@@ -32,8 +32,6 @@ except ImportError:  # pragma: no cover - torch built without distributed
 
 # Sums a 0-dim tensor over the processes that hold other parts of the same vector (shards or ranks).
 ReduceFn = Callable[[Tensor], Tensor]
-# Averages a list of gradient tensors over ranks, in place.
-AverageFn = Callable[[list[Tensor]], None]
 
 
 @dataclass(frozen=True)
@@ -198,14 +196,15 @@ def ascend_(
     eps: float,
     adaptive: bool,
     reduce: Optional[ReduceFn] = None,
+    norm: Optional[float] = None,
 ) -> float:
     """Move `params` by `radius` along `direction`, in place; returns the norm used to normalise.
 
-    Plain: params += radius * direction / (||direction|| + eps).
+    Plain: params += radius * direction / (||direction|| + eps); `norm` is ||direction|| when already known.
     Adaptive: params += radius * direction * params^2 / (||direction * |params| || + eps).
     """
     if not adaptive:
-        norm = global_norm(direction, reduce)
+        norm = global_norm(direction, reduce) if norm is None else norm
         torch._foreach_add_(params, direction, alpha=radius / (norm + eps))
         return norm
     norm = weighted_norm(direction, params, reduce)
@@ -420,7 +419,7 @@ class GAMStep:
             torch._foreach_copy_(theta, theta_params)
             torch._foreach_copy_(h_minus, g)
             restore_from = theta
-            ascend_(theta_params, g, rho_prime, hp.eps, hp.adaptive, reduce)  # theta1
+            ascend_(theta_params, g, rho_prime, hp.eps, hp.adaptive, reduce, norm=stats.grad_norm)  # theta1
             self._release_grads(index, g)
 
             # Pass 2: g1 at theta1. The parameters become scratch for h0 = g1 - g0.
