@@ -39,7 +39,7 @@ import torch
 
 SETTINGS = {
     "full": dict(
-        seeds=[0, 1, 2], noises=[0.0, 0.2], radii=[0.003, 0.01, 0.03], interval=2, epochs=15, batch=32,
+        seeds=[0, 1, 2], noises=[0.0, 0.2], radii=[0.001, 0.003, 0.01, 0.03], interval=2, epochs=15, batch=32,
         hidden=32, layers=2, n_train=None, flat_examples=256, eig_iters=15, trace_samples=8,
     ),
     "quick": dict(
