@@ -2,7 +2,7 @@
 
 Nothing here knows about `transformers`: `GAMStep.run` receives a `forward_backward(pass_index)` callable
 that leaves the gradient of one pass in `p.grad`, and it leaves the GAM direction `d` in `p.grad` with the
-parameters back at theta, bit for bit. The symbols follow GAM_MATH.md:
+parameters back at theta, bit for bit. In the symbols of the paper:
 
     g0 = grad L(theta)
     g1 = grad L(theta + rho' g0 / ||g0||)                  h0 = g1 - g0
@@ -36,7 +36,7 @@ ReduceFn = Callable[[Tensor], Tensor]
 
 @dataclass(frozen=True)
 class GAMHyperParams:
-    """The hyper-parameters of one GAM step (see GAM_MATH.md for the symbols)."""
+    """The hyper-parameters of one GAM step (symbols as in the module docstring)."""
 
     method: str = "gam"  # "gam" or "sam"
     grad_rho: float = 0.02  # rho'

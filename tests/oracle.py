@@ -1,4 +1,5 @@
-"""A float64 straight-line implementation of GAM_MATH.md, to compare the optimised code against.
+"""A float64 straight-line implementation of the GAM step (accelerated GAM, Algorithm 2 of the paper), to
+compare the optimised code against.
 
 Every quantity is a flat vector over the trainable parameters; nothing is done in place.
 """
@@ -27,7 +28,7 @@ def flat_gradient_fn(model: nn.Module, batch: dict, loss_fn=None):
 
 def oracle_direction(gradient, theta, *, method="gam", grad_rho=0.02, grad_norm_rho=0.2, alpha=0.6, beta=0.5,
                      gamma=0.03, formula="released", adaptive=False, eps=1e-12):
-    """d of GAM_MATH.md steps 1-9 (or SAM's g1), with a fresh gradient evaluation per point."""
+    """GAM's d as hf_gam/gam.py's module docstring states it (or SAM's g1), one fresh gradient per point."""
 
     def perturbed(base, g, radius):
         if adaptive:

@@ -1,4 +1,4 @@
-"""One GAMTrainer step equals the float64 oracle of GAM_MATH.md."""
+"""One GAMTrainer step equals the float64 oracle in oracle.py."""
 
 import copy
 
