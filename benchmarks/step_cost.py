@@ -254,6 +254,7 @@ def collectives_worker(setting: str, out_path: str, rounds: int = 3) -> None:
     if torch.distributed.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump({"counts": counts, "ratios": ratios}, f)
+    torch.distributed.barrier()  # both ranks done before either exits and tears down gloo
 
 
 def count_collectives(setting: str) -> dict:

@@ -244,6 +244,7 @@ results = [None] * world
 dist.all_gather_object(results, result)
 if rank == 0:
     json.dump(results, open(sys.argv[1], "w"))
+dist.barrier()  # both ranks done with gloo before either tears it down
 dist.destroy_process_group()
 '''
 
