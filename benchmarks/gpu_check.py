@@ -1,23 +1,23 @@
 """Checks of the mixed-precision paths on a CUDA GPU, through a real GAMTrainer.
 
-    python benchmarks/gpu_check.py            # needs CUDA; about a minute
+    python benchmarks/gpu_check.py            # needs CUDA; well under a minute
     python benchmarks/gpu_check.py --cpu      # the same logic on the CPU (bf16 autocast; fp16 with a CPU scaler)
 
 1. fp16 (autocast + the GradScaler Accelerate creates, gradient clipping on): the first step's scale is forced
    so high that a pass overflows: the step must be skipped (parameters bit-identical, no NaN), the scale
    lowered, `gam/skipped_steps` logged, and the next steps must train.
 2. bf16 autocast: GAM trains, the loss falls, parameters stay float32.
-3. The step time of GAM and SAM relative to the stock Trainer (interleaved runs) on a small ViT.
-Prints one line per check and exits non-zero if a check fails.
+Prints one line per check and exits non-zero if a check fails. Step time and memory on the GPU come from
+`benchmarks/step_cost.py`, which `gpu_check.sh` runs next.
 """
 
 import argparse
 import statistics
 import sys
-import time
 
 import torch
-from transformers import TrainerCallback, ViTConfig, ViTForImageClassification
+from step_cost import make_model as step_cost_model
+from transformers import TrainerCallback
 
 from hf_gam import GAMConfig, GAMTrainer
 
@@ -30,10 +30,8 @@ def make_data(n: int, image_size: int, seed: int = 0):
 
 
 def make_model(hidden: int, layers: int, image_size: int, seed: int = 0):
-    torch.manual_seed(seed)
-    config = ViTConfig(image_size=image_size, patch_size=4, num_channels=3, hidden_size=hidden,
-                       num_hidden_layers=layers, num_attention_heads=4, intermediate_size=4 * hidden, num_labels=3)
-    return ViTForImageClassification(config)
+    """The ViT of the step-cost benchmark, at the given size."""
+    return step_cost_model(dict(image=image_size, patch=4, hidden=hidden, layers=layers), seed=seed)
 
 
 def flat(model):
@@ -41,18 +39,12 @@ def flat(model):
 
 
 class StepRecorder(TrainerCallback):
-    def __init__(self, model, scaler_source):
-        self.model, self.scaler_source, self.rows, self.times, self._t = model, scaler_source, [], [], None
+    """After every optimizer step: the parameters (flat, on the CPU) and the loss scale."""
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._t = time.perf_counter()
+    def __init__(self, model, scaler_source):
+        self.model, self.scaler_source, self.rows = model, scaler_source, []
 
     def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self._t)
         scaler = self.scaler_source()
         self.rows.append((flat(self.model), scaler.get_scale() if scaler is not None else None))
 
@@ -112,40 +104,9 @@ def bf16_trains(cpu: bool) -> bool:
     return ok
 
 
-def step_time_ratios(cpu: bool, rounds: int) -> None:
-    """Median over rounds of (median step time of an arm) / (median step time of the stock Trainer)."""
-    hidden, layers, size, batch = (64, 2, 32, 32) if cpu else (384, 6, 64, 128)
-    ratios = {"sam": [], "gam": []}
-    arms = ["none", "sam", "gam"]
-    for r in range(-1, rounds):  # round -1 warms up (allocator, kernels) and is not counted
-        times = {}
-        for method in arms[r % 3:] + arms[: r % 3]:  # a different arm goes first in each round
-            model = make_model(hidden, layers, size)
-            extra = {} if cpu else {"bf16": True}
-            trainer = GAMTrainer(model=model, args=args_for(f"/tmp/gpu_check/time_{method}", cpu, gam_method=method,
-                                                            per_device_train_batch_size=batch, max_steps=12,
-                                                            logging_steps=100, **extra),
-                                 train_dataset=make_data(12 * batch, size, seed=max(r, 0)))
-            recorder = StepRecorder(model, lambda: None)
-            trainer.add_callback(recorder)
-            trainer.train()
-            times[method] = statistics.median(recorder.times[3:])
-        if r < 0:
-            continue
-        for method in ratios:
-            ratios[method].append(times[method] / times["none"])
-    device = "cpu" if cpu else torch.cuda.get_device_name()
-    print(f"\nStep time relative to the stock Trainer ({device}; ViT hidden {hidden}, {layers} layers, "
-          f"{size}px, batch {batch}, {rounds} interleaved rounds):")
-    print("| arm | median ratio | range |\n|---|---|---|\n| none | 1.00 | - |")
-    for method, values in ratios.items():
-        print(f"| {method} | {statistics.median(values):.2f} | {min(values):.2f}-{max(values):.2f} |")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (no CUDA needed)")
-    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if not args.cpu and not torch.cuda.is_available():
         print("No CUDA device: run with --cpu, or on a GPU machine.")
@@ -154,7 +115,6 @@ def main() -> int:
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     ok = fp16_overflow(args.cpu)
     ok &= bf16_trains(args.cpu)
-    step_time_ratios(args.cpu, args.rounds)
     return 0 if ok else 1
 
 
