@@ -2,7 +2,7 @@
 
 from .config import GAMConfig
 from .flatness import FlatnessCallback
-from .trainer import GAMTrainer
+from .trainer import GAMMixin, GAMTrainer
 
-__all__ = ["FlatnessCallback", "GAMConfig", "GAMTrainer"]
+__all__ = ["FlatnessCallback", "GAMConfig", "GAMMixin", "GAMTrainer"]
 __version__ = "0.1.0"

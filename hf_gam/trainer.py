@@ -28,9 +28,11 @@ def as_gam_config(args: TrainingArguments) -> GAMConfig:
     return GAMConfig(**values)
 
 
-class GAMTrainer(Trainer):
+class GAMMixin:
     """
-    A [`~transformers.Trainer`] that trains with Gradient norm Aware Minimization (Zhang et al., CVPR 2023).
+    Gradient norm Aware Minimization (Zhang et al., CVPR 2023) for any [`~transformers.Trainer`] subclass:
+    `class MyTrainer(GAMMixin, Seq2SeqTrainer)` trains with GAM. Put `GAMMixin` first, so that its
+    `training_step` runs in place of the parent's.
 
     It takes every argument `Trainer` takes; `args` is a [`GAMConfig`] (a plain `TrainingArguments` means GAM with
     the default `gam_*` values). Only `training_step` changes: for each micro-batch it runs GAM's four forward and
@@ -232,6 +234,13 @@ class GAMTrainer(Trainer):
         super().create_model_card(*args, tags=tags, **kwargs)
         if self.is_world_process_zero():
             append_gam_section(os.path.join(self.args.output_dir, "README.md"), self.args)
+
+
+class GAMTrainer(GAMMixin, Trainer):
+    """
+    A [`~transformers.Trainer`] that trains with Gradient norm Aware Minimization (Zhang et al., CVPR 2023):
+    `GAMMixin` + `Trainer`. See `GAMMixin`.
+    """
 
 
 _DEEPSPEED_MESSAGE = (
