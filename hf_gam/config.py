@@ -7,7 +7,7 @@ from transformers import TrainingArguments
 GAM_METHODS = ("gam", "sam", "none")
 GAM_FORMULAS = ("released", "paper")
 GAM_SYNC_MODES = ("local", "global")
-GAM_RHO_SCHEDULES = ("constant", "lr")
+GAM_RHO_SCHEDULES = ("constant", "lr", "linear")
 
 
 @dataclass
@@ -80,13 +80,30 @@ class GAMConfig(TrainingArguments):
     gam_rho_schedule: str = field(
         default="constant",
         metadata={
-            "help": "'constant' radii, or 'lr': both radii scaled by the current learning rate over `learning_rate`.",
+            "help": "'constant' radii; 'lr': both radii scaled by the current learning rate over `learning_rate`; "
+            "'linear': both radii grow linearly with training progress, from 0 at the first step to their full value at "
+            "the last (sharpness-aware steps help most late in training).",
             "choices": list(GAM_RHO_SCHEDULES),
         },
     )
     gam_interval: int = field(
         default=1,
         metadata={"help": "Run the GAM passes every `gam_interval` optimizer steps and a plain gradient in between."},
+    )
+    gam_start: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of the optimizer steps, in [0, 1), run as plain gradient steps before GAM starts (GAM "
+            "only in the late phase of training). 0 runs GAM from the first step."
+        },
+    )
+    gam_reuse_interval: int = field(
+        default=1,
+        metadata={
+            "help": "Run full GAM every `gam_reuse_interval` optimizer steps; in between, one pass: d = g + the GAM "
+            "correction of the last full step (its part orthogonal to that step's gradient), rescaled by ||g|| over "
+            "that step's gradient norm. 1 runs full GAM at every step."
+        },
     )
     gam_same_rng: bool = field(
         default=True,
@@ -123,5 +140,12 @@ def validate_gam_fields(args) -> None:
             raise ValueError(f"`{name}` must lie in [0, 1]; got {value!r}.")
     if not args.gam_eps > 0:
         raise ValueError(f"`gam_eps` must be a positive number; got {args.gam_eps!r}.")
-    if isinstance(args.gam_interval, bool) or not isinstance(args.gam_interval, int) or args.gam_interval < 1:
-        raise ValueError(f"`gam_interval` must be an integer >= 1; got {args.gam_interval!r}.")
+    for name in ("gam_interval", "gam_reuse_interval"):
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
+    if args.gam_interval > 1 and args.gam_reuse_interval > 1:
+        raise ValueError("Set at most one of `gam_interval` and `gam_reuse_interval` above 1: between full GAM steps, "
+                         "`gam_interval` takes plain gradient steps and `gam_reuse_interval` reuses the last correction.")
+    if not 0.0 <= args.gam_start < 1.0:
+        raise ValueError(f"`gam_start` must lie in [0, 1); got {args.gam_start!r}.")

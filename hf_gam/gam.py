@@ -65,14 +65,19 @@ class DataParallel:
 
 @dataclass
 class GAMStats:
-    """What one micro-batch's passes measured (the loss stays a device tensor, as the Trainer expects)."""
+    """What one micro-batch's passes measured. Every value stays a 0-dim device tensor (reading one would make the
+    host wait for the device); `grad_norm` and `flatness` are in the units of the gradients the passes left (loss
+    scale and accumulation normalisation included)."""
 
     loss: Tensor  # loss at theta (pass 1), as the stock training step returns it
-    grad_norm: float = math.nan  # ||g0||
-    flatness: float = math.nan  # ||g1 - g0|| / rho'
-    cos: float = math.nan  # cosine of h- and h+ (GAM only)
-    skipped: bool = False  # a pass produced a non-finite gradient; the passes stopped
+    grad_norm: Optional[Tensor] = None  # ||g0||
+    flatness: Optional[Tensor] = None  # ||g1 - g0|| / rho' (not measured on a reuse step)
+    cos: Optional[Tensor] = None  # cosine of h- and h+ (full GAM only)
+    failed: Optional[Tensor] = None  # bool: some pass produced a non-finite gradient
+    dropped: bool = False  # the micro-batch's gradient was dropped (non-finite, no loss scaler)
     collectives: int = 0  # gradient all-reduces this micro-batch issued
+    passes: int = 0  # forward/backward passes run
+    reused: bool = False  # one pass plus the stored correction (see `GAMStep.run`)
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -147,46 +152,70 @@ def sharded_sum(params: Sequence[Tensor]) -> ReduceFn:
     return reduce
 
 
-def _accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    """float64 for float64 tensors; float32 otherwise (16-bit tensors are accumulated at least in float32)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+def _accumulation_dtype(device: torch.device) -> torch.dtype:
+    """float64, where the device has it (MPS has none: float32 there). A loss-scaled float32 gradient near 1e38 is
+    finite, its square is not, and a false overflow would skip a good step."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
-def sum_of_squares(tensors: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> Tensor:
-    """sum_i ||t_i||^2, accumulated in float64, then summed by `reduce`."""
-    if len(tensors) == 0:
-        total = torch.zeros((), dtype=torch.float64)
-    else:
-        device = tensors[0].device
-        # In float64 (MPS has none: float32 there): a loss-scaled float32 gradient near 1e38 is finite, its
-        # square is not, and a false overflow would skip a good step.
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        norms = torch._foreach_norm(tensors, 2, dtype=dtype)
-        total = torch.stack([n.to(device) for n in norms]).square().sum()
+def _total(parts: list[Tensor], reduce: Optional[ReduceFn]) -> Tensor:
+    """The sum of 0-dim `parts` (moved to the first one's device), then summed over shards/ranks by `reduce`."""
+    if not parts:
+        return torch.zeros((), dtype=torch.float64)
+    device = parts[0].device
+    total = torch.stack([t.to(device) for t in parts]).sum()
     return reduce(total) if reduce is not None else total
 
 
-def global_norm(tensors: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> float:
-    """The L2 norm of the concatenation of `tensors` (over all shards when `reduce` is given)."""
-    return math.sqrt(sum_of_squares(tensors, reduce).item())
+def sum_of_squares(tensors: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> Tensor:
+    """sum_i ||t_i||^2, accumulated in float64, then summed by `reduce` (a 0-dim device tensor)."""
+    if len(tensors) == 0:
+        return _total([], reduce)
+    norms = torch._foreach_norm(tensors, 2, dtype=_accumulation_dtype(tensors[0].device))
+    return _total([n.square() for n in norms], reduce)
 
 
-def global_dot(a: Sequence[Tensor], b: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> float:
-    """<a, b> over all the tensors (and shards), accumulated in float32 (float64 for float64 tensors)."""
-    dtype = _accumulation_dtype(a)
-    device = a[0].device
-    parts = [torch.sum(x * y, dtype=dtype).to(device) for x, y in zip(a, b)]
-    total = torch.stack(parts).sum()
-    return (reduce(total) if reduce is not None else total).item()
+def global_norm(tensors: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> Tensor:
+    """The L2 norm of the concatenation of `tensors` (over all shards when `reduce` is given), a 0-dim tensor."""
+    return sum_of_squares(tensors, reduce).sqrt()
 
 
-def weighted_norm(direction: Sequence[Tensor], weights: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> float:
-    """|| direction * |weights| ||, one tensor at a time (no parameter-sized temporary)."""
-    dtype = _accumulation_dtype(direction)
-    device = direction[0].device
-    parts = [torch.sum((d * w.abs()).square(), dtype=dtype).to(device) for d, w in zip(direction, weights)]
-    total = torch.stack(parts).sum()
-    return math.sqrt((reduce(total) if reduce is not None else total).item())
+def global_dot(a: Sequence[Tensor], b: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> Tensor:
+    """<a, b> over all the tensors (and shards), multiplied and accumulated in float64, one tensor at a time."""
+    parts = []
+    for x, y in zip(a, b):
+        dtype = _accumulation_dtype(x.device)
+        parts.append(torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)))
+    return _total(parts, reduce)
+
+
+def weighted_norm(direction: Sequence[Tensor], weights: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> Tensor:
+    """|| direction * |weights| ||, in float64, one tensor at a time (no parameter-sized temporary)."""
+    parts = []
+    for d, w in zip(direction, weights):
+        dtype = _accumulation_dtype(d.device)
+        parts.append((d.to(dtype) * w.to(dtype).abs()).square().sum())
+    return _total(parts, reduce).sqrt()
+
+
+def scale_(tensors: Sequence[Tensor], factor: Tensor) -> None:
+    """tensors *= factor, in place, with `factor` a 0-dim tensor (no host synchronisation)."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    for device, group in by_device.items():
+        torch._foreach_mul_(group, factor.to(device=device, dtype=group[0].dtype))
+
+
+def add_scaled_(tensors: Sequence[Tensor], others: Sequence[Tensor], factor: Tensor) -> None:
+    """tensors += factor * others, in place, with `factor` a 0-dim tensor (a temporary per device group)."""
+    by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
+    for t, o in zip(tensors, others):
+        group = by_device.setdefault(t.device, ([], []))
+        group[0].append(t)
+        group[1].append(o)
+    for device, (ts, os_) in by_device.items():
+        torch._foreach_add_(ts, torch._foreach_mul(os_, factor.to(device=device, dtype=ts[0].dtype)))
 
 
 def ascend_(
@@ -196,21 +225,24 @@ def ascend_(
     eps: float,
     adaptive: bool,
     reduce: Optional[ReduceFn] = None,
-    norm: Optional[float] = None,
-) -> float:
-    """Move `params` by `radius` along `direction`, in place; returns the norm used to normalise.
+    norm: Optional[Tensor] = None,
+) -> Tensor:
+    """Move `params` by `radius` along `direction`, in place; `direction` is used as scratch (it is left scaled).
+    Returns the norm used to normalise (a 0-dim tensor).
 
     Plain: params += radius * direction / (||direction|| + eps); `norm` is ||direction|| when already known.
     Adaptive: params += radius * direction * params^2 / (||direction * |params| || + eps).
     """
     if not adaptive:
         norm = global_norm(direction, reduce) if norm is None else norm
-        torch._foreach_add_(params, direction, alpha=radius / (norm + eps))
+        scale_(direction, radius / (norm + eps))
+        torch._foreach_add_(params, direction)
         return norm
     norm = weighted_norm(direction, params, reduce)
-    scale = radius / (norm + eps)
-    for p, d in zip(params, direction):
-        p.add_(d * p * p, alpha=scale)
+    torch._foreach_mul_(direction, params)
+    torch._foreach_mul_(direction, params)
+    scale_(direction, radius / (norm + eps))
+    torch._foreach_add_(params, direction)
     return norm
 
 
@@ -221,59 +253,84 @@ def ascend_from_(
     eps: float,
     adaptive: bool,
     reduce: Optional[ReduceFn] = None,
-) -> float:
+) -> Tensor:
     """`params` holds a direction h on entry; on exit it holds base + radius * h / (||h|| + eps)
     (adaptive: base + radius * h * base^2 / (||h * |base| || + eps)). Returns ||h|| (the plain norm)."""
     norm = global_norm(params, reduce)
     if not adaptive:
-        torch._foreach_mul_(params, radius / (norm + eps))
+        scale_(params, radius / (norm + eps))
         torch._foreach_add_(params, base)
         return norm
     scale = radius / (weighted_norm(params, base, reduce) + eps)
-    for p, b in zip(params, base):
-        p.mul_(b).mul_(b).mul_(scale).add_(b)
+    torch._foreach_mul_(params, base)
+    torch._foreach_mul_(params, base)
+    scale_(params, scale)
+    torch._foreach_add_(params, base)
     return norm
 
 
 def remove_orthogonal_part_(
     h_plus: list[Tensor], h_minus: list[Tensor], gamma: float, eps: float, reduce: Optional[ReduceFn] = None
-) -> tuple[float, float]:
+) -> tuple[Tensor, Tensor]:
     """h_plus <- h+ - gamma * (h- - c h+), the part of h- orthogonal to h+ removed, in place.
 
     c = cos * ||h-|| / (||h+|| + eps) with cos = <h-, h+> / (||h+|| ||h-|| + eps), the form of the
-    released code. Returns (cos, ||h+||).
+    released code. Returns (cos, coefficient applied to h+), 0-dim tensors.
     """
     norm_plus = global_norm(h_plus, reduce)
     norm_minus = global_norm(h_minus, reduce)
     cos = global_dot(h_minus, h_plus, reduce) / (norm_plus * norm_minus + eps)
-    coefficient = cos * norm_minus / (norm_plus + eps)
-    torch._foreach_mul_(h_plus, 1.0 + gamma * coefficient)
+    factor = 1.0 + gamma * (cos * norm_minus / (norm_plus + eps))
+    scale_(h_plus, factor)
     torch._foreach_add_(h_plus, h_minus, alpha=-gamma)
-    return cos, norm_plus
+    return cos, factor
+
+
+def _accelerator_module():
+    """The torch module of the current accelerator (torch.cuda, torch.xpu, torch.mps, ...), or None."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is None or not accelerator.is_available():
+        return None
+    return torch.get_device_module(accelerator.current_accelerator().type)
 
 
 class RandomState:
-    """The CPU and CUDA random states, captured so that several passes can draw the same numbers."""
+    """The CPU random state and that of every device of the current accelerator (CUDA, XPU, MPS, ...), captured
+    so that several passes can draw the same numbers."""
 
     def __init__(self) -> None:
         self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        self.module = _accelerator_module()
+        initialized = getattr(self.module, "is_initialized", lambda: True)
+        if self.module is not None and initialized():
+            get_all = getattr(self.module, "get_rng_state_all", None)
+            self.device = get_all() if get_all is not None else [self.module.get_rng_state()]
+        else:
+            self.device = None
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
+        if self.device is not None:
+            set_all = getattr(self.module, "set_rng_state_all", None)
+            if set_all is not None:
+                set_all(self.device)
+            else:
+                self.module.set_rng_state(self.device[0])
 
 
 @contextlib.contextmanager
 def frozen_norm_statistics(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Run BatchNorm-type layers in training mode without updating their running statistics.
+    """Run BatchNorm/InstanceNorm-type layers in training mode without updating their running statistics.
 
-    In training mode such a layer normalises with the batch statistics whether or not it tracks
-    running ones, so switching `track_running_stats` off for a pass changes nothing but the update of
-    `running_mean`, `running_var` and `num_batches_tracked`. Restored even when the pass raises.
+    In training mode such a layer normalises with the batch statistics whether or not it tracks running ones, so
+    switching `track_running_stats` off for a pass changes nothing but the update of `running_mean`, `running_var`
+    and `num_batches_tracked`. `F.instance_norm` updates existing running buffers whatever the flag says, so the
+    buffers of InstanceNorm layers are also saved and copied back. Restored even when the pass raises.
     """
+    modules = list(modules)
     switched = [m for m in modules if m.track_running_stats]
+    saved = [(buf, buf.clone()) for m in modules if isinstance(m, nn.modules.instancenorm._InstanceNorm)
+             for buf in (m.running_mean, m.running_var, getattr(m, "num_batches_tracked", None)) if buf is not None]
     for m in switched:
         m.track_running_stats = False
     try:
@@ -281,6 +338,8 @@ def frozen_norm_statistics(modules: Iterable[nn.Module]) -> Iterator[None]:
     finally:
         for m in switched:
             m.track_running_stats = True
+        for buf, copy in saved:
+            buf.copy_(copy)
 
 
 def norm_layers(model: nn.Module) -> list[nn.Module]:
@@ -293,10 +352,14 @@ class GAMStep:
 
     `params` are the trainable parameters; gradients already in their `.grad` (earlier micro-batches of
     the same optimizer step) are set aside during the passes and added back after, so each micro-batch
-    contributes its own direction. Parameters that receive no gradient in the first pass take no part.
+    contributes its own direction. Parameters that receive no gradient in the first pass take no part: whatever
+    a later pass leaves in their `.grad` is discarded, so they end the step as the stock step leaves them.
 
     The work buffers are flat tensors, one per (device, dtype), with a view per parameter: a free buffer then
     doubles as the bucket of a single all-reduce.
+
+    Host synchronisation: every norm, inner product and coefficient stays on the device. A micro-batch reads one
+    value on the host (whether a pass failed) only when it must drop a non-finite gradient (`nonfinite="drop"`).
     """
 
     def __init__(self, params: Iterable[Tensor]) -> None:
@@ -305,6 +368,21 @@ class GAMStep:
             raise ValueError("The model has no trainable parameters (every parameter has requires_grad=False).")
         self._flat: dict[str, dict[tuple, Tensor]] = {}
         self._views: dict[str, list[Tensor]] = {}
+        # The stored correction for reuse steps: the part of d orthogonal to g0, divided by ||g0||, of the last full
+        # step, for the parameters at `_correction_index` (None until a full step stored one).
+        self._correction_index: Optional[list[int]] = None
+
+    def matches(self, params: Iterable[Tensor]) -> bool:
+        """Whether `params` (trainable ones only) are exactly the parameters this step was built for."""
+        trainable = [p for p in params if p.requires_grad]
+        return len(trainable) == len(self.params) and all(a is b for a, b in zip(trainable, self.params))
+
+    @property
+    def has_correction(self) -> bool:
+        return self._correction_index is not None
+
+    def clear_correction(self) -> None:
+        self._correction_index = None
 
     def _buffer(self, name: str, index: list[int]) -> list[Tensor]:
         """The views of work buffer `name` for the parameters at `index` (allocated once, on first use)."""
@@ -337,11 +415,17 @@ class GAMStep:
         same_rng: bool = True,
         reduce: Optional[ReduceFn] = None,
         data_parallel: Optional[DataParallel] = None,
+        nonfinite: str = "mark",
+        store_correction: bool = False,
+        reuse: bool = False,
     ) -> GAMStats:
         """Run the passes and leave d (plus the set-aside gradients) in `p.grad`.
 
         In DDP "local" mode the micro-batch that ends the optimizer step also averages the accumulated gradients
         over the ranks, once.
+
+        Every pass runs even when an earlier one produced a non-finite gradient, so that data-parallel ranks stay
+        in step (a rank that stopped early would leave the others waiting in any collective of the forward).
 
         Args:
             forward_backward: runs one forward and backward pass on the micro-batch, returns the loss. It must not
@@ -351,74 +435,123 @@ class GAMStep:
             same_rng: give passes 2-4 the random state pass 1 started with (same dropout masks).
             reduce: sums partial scalars over the shards of a sharded (FSDP) model.
             data_parallel: the DDP semantics (see `DataParallel`); None in one process and under FSDP.
+            nonfinite: what a non-finite gradient in any pass does. "mark": a loss scaler will skip the step, so
+                make sure a non-finite value is left in the gradient (no host synchronisation). "drop": nothing
+                would skip the step, so the micro-batch contributes nothing (its gradients are dropped).
+            store_correction: after a full GAM step, keep the part of d orthogonal to g0, divided by ||g0|| (one
+                more parameter-sized buffer), for later reuse steps.
+            reuse: one pass only: d = g0 + ||g0|| * the stored correction (requires `has_correction`).
         """
-        stats = self._run_passes(forward_backward, hp, grad_rho, grad_norm_rho, norm_modules, same_rng, reduce,
-                                 data_parallel)
-        if data_parallel is not None and data_parallel.mode == "local" and data_parallel.sync_now:
-            stats.collectives += self.average_gradients(data_parallel.group)
-        return stats
-
-    def _run_passes(self, forward_backward, hp, grad_rho, grad_norm_rho, norm_modules, same_rng, reduce,
-                    data_parallel) -> GAMStats:
-        rho_prime = hp.grad_rho if grad_rho is None else grad_rho
-        rho = hp.grad_norm_rho if grad_norm_rho is None else grad_norm_rho
+        if nonfinite not in ("mark", "drop"):
+            raise ValueError(f"nonfinite must be 'mark' or 'drop'; got {nonfinite!r}")
+        if reuse and not self.has_correction:
+            raise RuntimeError("A reuse step needs a correction stored by an earlier full step.")
         params = self.params
         set_aside = [p.grad for p in params]
         for p in params:
             p.grad = None
-        average_each_pass = data_parallel is not None and data_parallel.mode == "global"
+        stats = GAMStats(loss=torch.tensor(math.nan))
+        index: list[int] = []
+        try:
+            if reuse:
+                self._reuse_pass(forward_backward, stats, index, reduce, data_parallel)
+            else:
+                self._run_passes(forward_backward, hp, grad_rho, grad_norm_rho, norm_modules, same_rng, reduce,
+                                 data_parallel, store_correction, stats, index)
+            first = params[index[0]].grad
+            if nonfinite == "mark":
+                # A loss scaler skips the step only if it finds a non-finite gradient: make sure there is one
+                # (adds 0 where every pass was finite). Indexing works for any memory layout.
+                first = local_tensor(first)
+                element = (0,) * first.dim()
+                marker = torch.where(stats.failed, math.nan, 0.0).to(device=first.device, dtype=first.dtype)
+                first[element] = first[element] + marker
+            elif stats.failed.item():  # the one host synchronisation of the micro-batch
+                stats.dropped = True
+                for i in index:
+                    params[i].grad = None
+        finally:
+            for p, earlier in zip(params, set_aside):
+                if earlier is None:
+                    continue
+                if p.grad is None:
+                    p.grad = earlier
+                else:
+                    p.grad.add_(earlier)
+        if data_parallel is not None and data_parallel.mode == "local" and data_parallel.sync_now:
+            stats.collectives += self.average_gradients(data_parallel.group)
+        return stats
 
+    def _gradients(self, pass_index: int, index: list[int], stats: GAMStats, data_parallel,
+                   free_buffer: Optional[str]) -> list[Tensor]:
+        """After a pass: the local gradients of the active parameters (`index`), averaged over ranks first in global
+        mode (using the free work buffer as the bucket when there is one). Gradients of parameters outside `index`
+        are dropped; an active parameter the pass did not reach gets zeros."""
+        params = self.params
+        if pass_index == 0:
+            index.extend(i for i, p in enumerate(params) if p.grad is not None)
+            if not index:
+                raise RuntimeError("No trainable parameter received a gradient: does the loss depend on them?")
+        else:
+            active = set(index)
+            for i, p in enumerate(params):
+                if i not in active:
+                    p.grad = None  # reached only at a perturbed point: takes no part
+                elif p.grad is None:  # used at theta but not at the perturbed point
+                    p.grad = torch.zeros_like(p)
+        grads = [local_tensor(params[i].grad) for i in index]
+        if data_parallel is not None and data_parallel.mode == "global":
+            scratch = self._flat.get(free_buffer) if free_buffer is not None else None
+            stats.collectives += all_reduce_mean_(grads, data_parallel.group, scratch)
+        stats.passes += 1
+        return grads
+
+    def _reuse_pass(self, forward_backward, stats: GAMStats, index: list[int], reduce, data_parallel) -> None:
+        """One pass: d = g0 + ||g0|| * stored correction (for the parameters the correction was stored for)."""
+        stats.reused = True
+        stats.loss = forward_backward(0)
+        g = self._gradients(0, index, stats, data_parallel, free_buffer="theta")
+        stats.grad_norm = global_norm(g, reduce)
+        stats.failed = ~torch.isfinite(stats.grad_norm)
+        active = set(index)
+        stored = [i for i in self._correction_index if i in active]
+        grads = [local_tensor(self.params[i].grad) for i in stored]
+        add_scaled_(grads, self._buffer("correction", stored), stats.grad_norm)
+
+    def _run_passes(self, forward_backward, hp, grad_rho, grad_norm_rho, norm_modules, same_rng, reduce,
+                    data_parallel, store_correction, stats: GAMStats, index: list[int]) -> None:
+        rho_prime = hp.grad_rho if grad_rho is None else grad_rho
+        rho = hp.grad_norm_rho if grad_norm_rho is None else grad_norm_rho
+        params = self.params
         rng_start = RandomState() if same_rng else None
         rng_after_first: Optional[RandomState] = None
         restore_from: Optional[list[Tensor]] = None
-        index: list[int] = []
-        stats = GAMStats(loss=torch.tensor(math.nan))
 
         def run_pass(pass_index: int, free_buffer: Optional[str]) -> list[Tensor]:
-            """One forward/backward; returns the local gradients of the active parameters (averaged over
-            ranks first in global mode, using the free work buffer as the bucket when there is one)."""
             nonlocal rng_after_first
             if pass_index == 0:
                 stats.loss = forward_backward(0)
                 rng_after_first = RandomState() if same_rng else None
-                index.extend(i for i, p in enumerate(params) if p.grad is not None)
-                if not index:
-                    raise RuntimeError("No trainable parameter received a gradient: does the loss depend on them?")
             else:
                 if rng_start is not None:
                     rng_start.restore()
                 with frozen_norm_statistics(norm_modules):
                     forward_backward(pass_index)
-            for i in index:
-                if params[i].grad is None:  # used at theta but not at the perturbed point
-                    params[i].grad = torch.zeros_like(params[i])
-            grads = [local_tensor(params[i].grad) for i in index]
-            if average_each_pass:
-                scratch = self._flat[free_buffer] if free_buffer is not None and free_buffer in self._flat else None
-                stats.collectives += all_reduce_mean_(grads, data_parallel.group, scratch)
-            return grads
-
-        def finite(value: float) -> bool:
-            """False (and the step marked skipped, its gradient made non-finite) when `value` is not finite."""
-            if math.isfinite(value):
-                return True
-            stats.skipped = True
-            # A loss scaler skips the step only if it finds a non-finite gradient: make sure there is one.
-            params[index[0]].grad.view(-1)[0] = math.nan
-            return False
+            return self._gradients(pass_index, index, stats, data_parallel, free_buffer)
 
         try:
-            # Pass 1: g0 at theta. Save theta and g0 (into the h- buffer).
+            # Pass 1: g0 at theta. Save theta and g0 (into the h- buffer, and the correction buffer if asked).
             g = run_pass(0, free_buffer="h_minus")
             stats.grad_norm = global_norm(g, reduce)
-            if not finite(stats.grad_norm):
-                return stats
+            failed = ~torch.isfinite(stats.grad_norm)
             theta_params = [local_tensor(params[i].detach()) for i in index]
             theta = self._buffer("theta", index)
             h_minus = self._buffer("h_minus", index)
             torch._foreach_copy_(theta, theta_params)
-            torch._foreach_copy_(h_minus, g)
             restore_from = theta
+            torch._foreach_copy_(h_minus, g)
+            if store_correction:
+                torch._foreach_copy_(self._buffer("correction", index), g)
             ascend_(theta_params, g, rho_prime, hp.eps, hp.adaptive, reduce, norm=stats.grad_norm)  # theta1
             self._release_grads(index, g)
 
@@ -427,13 +560,15 @@ class GAMStep:
             torch._foreach_copy_(theta_params, g)
             torch._foreach_sub_(theta_params, h_minus)
             if hp.method == "sam":
-                stats.flatness = global_norm(theta_params, reduce) / max(rho_prime, hp.eps)
-                finite(stats.flatness)
-                return stats  # d = g1, already in p.grad
+                h0_norm = global_norm(theta_params, reduce)
+                stats.flatness = h0_norm / max(rho_prime, hp.eps)
+                stats.failed = failed | ~torch.isfinite(h0_norm)
+                if store_correction:
+                    self._store_correction(index, g, stats.grad_norm, hp.eps, reduce)
+                return  # d = g1, already in p.grad
             h0_norm = ascend_from_(theta_params, theta, rho, hp.eps, hp.adaptive, reduce)  # theta2
             stats.flatness = h0_norm / max(rho_prime, hp.eps)
-            if not finite(h0_norm):
-                return stats
+            failed |= ~torch.isfinite(h0_norm)
             g1_scaled = self._buffer("g1_scaled", index)
             torch._foreach_copy_(g1_scaled, g)
             torch._foreach_mul_(g1_scaled, hp.alpha)
@@ -443,31 +578,33 @@ class GAMStep:
 
             # Pass 3: g2 at theta2; h- gets (1 - beta) g2; theta3 = theta2 + rho' g2 / ||g2||.
             g = run_pass(2, free_buffer=None)
-            if not finite(ascend_(theta_params, g, rho_prime, hp.eps, hp.adaptive, reduce)):
-                return stats
             torch._foreach_add_(h_minus, g, alpha=1.0 - hp.beta)
+            failed |= ~torch.isfinite(ascend_(theta_params, g, rho_prime, hp.eps, hp.adaptive, reduce))
             self._release_grads(index, g)
 
             # Pass 4: g3 at theta3; h+ = alpha g1 + (1 - alpha) g3 is built in p.grad, then d.
             g = run_pass(3, free_buffer=None)
             torch._foreach_mul_(g, 1.0 - hp.alpha)
             torch._foreach_add_(g, g1_scaled)
-            cos, norm_plus = remove_orthogonal_part_(g, h_minus, hp.gamma, hp.eps, reduce)
-            stats.cos = cos
-            finite(norm_plus)
-            return stats
+            stats.cos, factor = remove_orthogonal_part_(g, h_minus, hp.gamma, hp.eps, reduce)
+            stats.failed = failed | ~torch.isfinite(factor) | ~torch.isfinite(stats.cos)
+            if store_correction:
+                self._store_correction(index, g, stats.grad_norm, hp.eps, reduce)
         finally:
             if restore_from is not None:
                 torch._foreach_copy_([local_tensor(params[i].detach()) for i in index], restore_from)
             if rng_after_first is not None:
                 rng_after_first.restore()
-            for p, earlier in zip(params, set_aside):
-                if earlier is None:
-                    continue
-                if p.grad is None:
-                    p.grad = earlier
-                else:
-                    p.grad.add_(earlier)
+
+    def _store_correction(self, index: list[int], d: list[Tensor], g0_norm: Tensor, eps: float,
+                          reduce: Optional[ReduceFn]) -> None:
+        """correction <- (d - <d, g0> / ||g0||^2 g0) / ||g0||, in place (the buffer holds g0 on entry)."""
+        correction = self._buffer("correction", index)
+        coefficient = global_dot(d, correction, reduce) / (g0_norm.square() + eps)
+        scale_(correction, -coefficient)
+        torch._foreach_add_(correction, d)
+        scale_(correction, 1.0 / (g0_norm + eps))
+        self._correction_index = list(index)
 
     def average_gradients(self, group: Optional[object] = None) -> int:
         """Average the accumulated gradients over the ranks in one bucketed all-reduce; returns the count.

@@ -2,11 +2,13 @@
 
 import contextlib
 import dataclasses
+import math
 import os
 from typing import Any, Optional
 
 import torch
 from torch import nn
+from accelerate.utils.memory import clear_device_cache
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
@@ -16,8 +18,9 @@ from .gam import DTensor, DataParallel, GAMHyperParams, GAMStats, GAMStep, norm_
 
 logger = logging.get_logger(__name__)
 
-# Summed over the micro-batches between two logs, then averaged (over micro-batches and ranks).
-_METRICS = ("grad_norm", "flatness", "cos", "skipped")
+# Device-side sums over the micro-batches between two logs: grad_norm, flatness, cos, skipped, and the number of
+# finite micro-batches that measured flatness and cos.
+_N_SUMS = 6
 
 
 def as_gam_config(args: TrainingArguments) -> GAMConfig:
@@ -48,7 +51,8 @@ class GAMMixin:
         validate_gam_fields(args)
         if args.deepspeed:
             raise ValueError(_DEEPSPEED_MESSAGE)
-        if args.ddp_find_unused_parameters is None and args.gam_method != "none" and args.gam_interval == 1:
+        plain_steps = args.gam_interval > 1 or args.gam_start > 0
+        if args.ddp_find_unused_parameters is None and args.gam_method != "none" and not plain_steps:
             # Every pass runs under `no_sync`, where DDP never reduces, so its search for unused parameters (a graph
             # walk per forward) would buy nothing. Gradients are averaged by GAMTrainer itself.
             args.ddp_find_unused_parameters = False
@@ -88,11 +92,17 @@ class GAMMixin:
                     "perturbations lose precision in 16 bits; keep float32 parameters and use `bf16=True` or "
                     "`fp16=True` (autocast) for mixed precision."
                 )
-        self._gam_sums: Optional[torch.Tensor] = None
-        self._gam_count = 0
+        self._gam_reset_metrics()
         self._gam_radii = (self.args.gam_grad_rho, self.args.gam_grad_norm_rho)
 
     # ---- the step ----
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, with GAM's state (parameter list, work buffers, stored correction, metrics) bound to the
+        model this call trains: `model_init` and `hyperparameter_search` build a new model for every call."""
+        self._gam_step = None
+        self._gam_reset_metrics()
+        return super().train(*args, **kwargs)
 
     def training_step(
         self,
@@ -101,7 +111,10 @@ class GAMMixin:
         num_items_in_batch: Optional[torch.Tensor | int] = None,
     ) -> torch.Tensor:
         """One micro-batch: GAM's passes, the direction d accumulated in `p.grad`; returns the loss at theta."""
-        if self.args.gam_method == "none" or self.state.global_step % self.args.gam_interval != 0:
+        kind = self._gam_step_kind()
+        if kind == "plain":
+            self._gam_passes += 1
+            self._gam_micro_batches += 1
             return super().training_step(model, inputs, num_items_in_batch)
 
         cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
@@ -111,6 +124,7 @@ class GAMMixin:
                 self.optimizer.train()
             inputs = self._prepare_inputs(inputs)
             step = self._get_gam_step(model)
+            reuse = kind == "reuse" and step.has_correction
 
             data_parallel, reduce, sync_context = self._gam_parallelism(model, step)
 
@@ -136,10 +150,37 @@ class GAMMixin:
                 same_rng=self.args.gam_same_rng,
                 reduce=reduce,
                 data_parallel=data_parallel,
+                # A loss scaler skips a step with a non-finite gradient; without one, nothing would.
+                nonfinite="mark" if self.accelerator.scaler is not None else "drop",
+                store_correction=self.args.gam_reuse_interval > 1 and not reuse,
+                reuse=reuse,
             )
+            units = self._gam_units(inputs, num_items_in_batch)
             del inputs
-        self._record_gam_stats(stats, grad_rho, grad_norm_rho)
+        self._gam_empty_cache()
+        self._record_gam_stats(stats, grad_rho, grad_norm_rho, units)
         return stats.loss
+
+    def _gam_step_kind(self) -> str:
+        """'plain' (the stock step), 'full' (all of GAM's passes) or 'reuse' (one pass and the stored correction)."""
+        args, step = self.args, self.state.global_step
+        if args.gam_method == "none" or step < self._gam_start_step() or step % args.gam_interval != 0:
+            return "plain"
+        if args.gam_reuse_interval > 1 and step % args.gam_reuse_interval != 0:
+            return "reuse"
+        return "full"
+
+    def _gam_start_step(self) -> int:
+        """The first optimizer step that runs GAM (`gam_start` of the run's `max_steps`)."""
+        return math.ceil(self.args.gam_start * self.state.max_steps) if self.args.gam_start > 0 else 0
+
+    def _gam_empty_cache(self) -> None:
+        """`torch_empty_cache_steps`, as the stock training step honours it."""
+        every = self.args.torch_empty_cache_steps
+        if every is not None and self.state.global_step % every == 0:
+            clear_device_cache()
+            if torch.backends.mps.is_available() and hasattr(torch.mps, "clear_graph_cache"):
+                torch.mps.clear_graph_cache()
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """The stock Trainer's rule: is the loss already normalised for gradient accumulation?"""
@@ -147,8 +188,35 @@ class GAMMixin:
             return self.loss_is_scaled_for_ga
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
+    def _gam_units(self, inputs: dict[str, Any], num_items_in_batch) -> torch.Tensor | float:
+        """The factor that turns a norm of the gradients the passes left into the norm of the gradient of the
+        micro-batch's mean loss: it undoes the accumulation normalisation and the loss scale (no host sync)."""
+        factor: torch.Tensor | float = 1.0
+        if not self._loss_is_scaled_for_ga(num_items_in_batch):
+            factor = float(self.current_gradient_accumulation_steps)
+        elif num_items_in_batch is not None and "labels" in inputs:
+            # The loss was divided by the items of the whole optimizer step; the micro-batch's mean divides by its own.
+            if "shift_labels" in inputs:
+                labels = inputs["shift_labels"]
+            elif getattr(self, "_loss_shifts_labels", False):
+                labels = inputs["labels"][..., 1:]
+            else:
+                labels = inputs["labels"]
+            items = labels.ne(-100).sum().clamp(min=1)
+            factor = num_items_in_batch / items
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                factor = factor / (self.accelerator.num_processes // self.get_tp_size())
+        scaler = self.accelerator.scaler
+        if scaler is not None and getattr(scaler, "_scale", None) is not None:
+            factor = factor / scaler._scale.double()
+        return factor
+
     def _get_gam_step(self, model: nn.Module) -> GAMStep:
-        if self._gam_step is None:
+        """The `GAMStep` of the trainable parameters of `model`, rebuilt when they change (a new model, a parameter
+        frozen or unfrozen)."""
+        if self._gam_step is None or not self._gam_step.matches(model.parameters()):
+            if self._gam_step is not None:
+                logger.info("GAMTrainer: the trainable parameters changed; GAM's work buffers are rebuilt.")
             self._gam_step = GAMStep(model.parameters())
             self._gam_norm_layers = norm_layers(model)
         return self._gam_step
@@ -173,49 +241,74 @@ class GAMMixin:
         return None, None, contextlib.nullcontext
 
     def _current_radii(self) -> tuple[float, float]:
-        """(rho', rho), scaled by the current over the initial learning rate when `gam_rho_schedule="lr"`."""
+        """(rho', rho) after `gam_rho_schedule`: times the current over the initial learning rate ("lr"), or times the
+        fraction of GAM's steps done, counting this one ("linear")."""
         grad_rho, grad_norm_rho = self.args.gam_grad_rho, self.args.gam_grad_norm_rho
         if self.args.gam_rho_schedule == "lr":
             if self.args.learning_rate <= 0:
                 return 0.0, 0.0
             scale = self._get_learning_rate() / self.args.learning_rate
-            grad_rho, grad_norm_rho = grad_rho * scale, grad_norm_rho * scale
-        return grad_rho, grad_norm_rho
+        elif self.args.gam_rho_schedule == "linear":
+            start = self._gam_start_step()
+            scale = min((self.state.global_step - start + 1) / max(self.state.max_steps - start, 1), 1.0)
+        else:
+            return grad_rho, grad_norm_rho
+        return grad_rho * scale, grad_norm_rho * scale
 
     # ---- metrics ----
 
-    def _record_gam_stats(self, stats: GAMStats, grad_rho: float, grad_norm_rho: float) -> None:
-        values = [stats.grad_norm, stats.flatness, stats.cos if self.args.gam_method == "gam" else 0.0]
-        values = [v if not stats.skipped else 0.0 for v in values] + [float(stats.skipped)]
-        row = torch.tensor(values, dtype=torch.float64)
+    def _gam_reset_metrics(self) -> None:
+        self._gam_sums: Optional[torch.Tensor] = None
+        self._gam_count = 0
+        self._gam_passes = 0
+        self._gam_micro_batches = 0
+
+    def _record_gam_stats(self, stats: GAMStats, grad_rho: float, grad_norm_rho: float, units) -> None:
+        """Adds this micro-batch's metrics to device-side sums (read on the host only when they are logged)."""
+        failed = stats.failed
+        zero = torch.zeros((), dtype=torch.float64, device=failed.device)
+        finite = (~failed).double()
+
+        def where_finite(value: Optional[torch.Tensor]) -> torch.Tensor:
+            return zero if value is None else torch.where(failed, zero, value.to(zero.device, torch.float64))
+
+        row = torch.stack([
+            where_finite(stats.grad_norm * units),
+            where_finite(None if stats.flatness is None else stats.flatness * units),
+            where_finite(stats.cos),
+            failed.double(),
+            finite * float(stats.flatness is not None),
+            finite * float(stats.cos is not None),
+        ])
         self._gam_sums = row if self._gam_sums is None else self._gam_sums + row
         self._gam_count += 1
+        self._gam_passes += stats.passes
+        self._gam_micro_batches += 1
         self._gam_radii = (grad_rho, grad_norm_rho)
 
     def _gam_logs(self) -> dict[str, float]:
         """The GAM metrics since the last log, averaged over micro-batches and ranks; resets them."""
-        sums = torch.zeros(len(_METRICS) + 1, dtype=torch.float64)
+        sums = torch.zeros(_N_SUMS + 1, dtype=torch.float64)
         if self._gam_sums is not None:
-            sums[: len(_METRICS)] = self._gam_sums
+            sums[:_N_SUMS] = self._gam_sums.cpu()
             sums[-1] = self._gam_count
         if self.args.world_size > 1:
             sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum").cpu()
-        self._gam_sums, self._gam_count = None, 0
-        count = sums[-1].item()
+        logs: dict[str, float] = {}
+        if self._gam_micro_batches:
+            logs["gam/passes"] = self._gam_passes / self._gam_micro_batches
+        self._gam_reset_metrics()
+        grad_norm, flatness, cos, skipped, n_flatness, n_cos, count = sums.tolist()
         if count == 0:
-            return {}
-        skipped = sums[3].item()
-        logs = {
-            "gam/grad_rho": self._gam_radii[0],
-            "gam/grad_norm_rho": self._gam_radii[1],
-            "gam/skipped_steps": skipped,
-        }
-        finite = count - skipped  # the means cover the micro-batches whose passes all finished
-        if finite > 0:
-            logs["gam/grad_norm"] = sums[0].item() / finite
-            logs["gam/flatness"] = sums[1].item() / finite
-            if self.args.gam_method == "gam":
-                logs["gam/cos"] = sums[2].item() / finite
+            return logs
+        logs.update({"gam/grad_rho": self._gam_radii[0], "gam/grad_norm_rho": self._gam_radii[1],
+                     "gam/skipped_steps": skipped})
+        if count > skipped:  # the means cover the micro-batches whose passes all finished
+            logs["gam/grad_norm"] = grad_norm / (count - skipped)
+        if n_flatness:
+            logs["gam/flatness"] = flatness / n_flatness
+        if n_cos:
+            logs["gam/cos"] = cos / n_cos
         return logs
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:

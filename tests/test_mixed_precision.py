@@ -39,7 +39,9 @@ def test_direction_is_linear_in_the_loss_scale():
     assert relative_error(scaled / 2.0**20, plain) < 1e-10
 
 
-def test_overflow_in_a_later_pass_stops_restores_and_leaves_a_non_finite_gradient():
+def test_overflow_in_a_later_pass_restores_and_leaves_a_non_finite_gradient():
+    """With a loss scaler ("mark"): every pass still runs (ranks stay in step), theta comes back bit for bit, and a
+    non-finite gradient is left so that the scaler skips the step."""
     torch.manual_seed(1)
     model = TinyClassifier(batch_norm=True, dtype=torch.float32)
     batch = batch_of(make_data(n=8, dtype=torch.float32), 0, 8)
@@ -48,9 +50,9 @@ def test_overflow_in_a_later_pass_stops_restores_and_leaves_a_non_finite_gradien
     before = copy.deepcopy(model)
     calls = []
     stats = GAMStep(model.parameters()).run(pass_runner(model, batch, overflow_at=2, calls=calls), HP,
-                                            norm_modules=norm_layers(model))
-    assert stats.skipped
-    assert calls == [0, 1, 2]  # pass 4 never ran
+                                            norm_modules=norm_layers(model), nonfinite="mark")
+    assert bool(stats.failed) and not stats.dropped
+    assert calls == [0, 1, 2, 3]
     for p, q in zip(model.parameters(), before.parameters()):
         assert torch.equal(p, q)
     assert not all(torch.isfinite(p.grad).all() for p in model.parameters())

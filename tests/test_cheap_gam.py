@@ -1,0 +1,157 @@
+"""Cheaper GAM: reuse of the last correction (`gam_reuse_interval`), GAM only late in training (`gam_start`),
+radii that grow with training (`gam_rho_schedule="linear"`)."""
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from hf_gam import GAMConfig, GAMTrainer
+
+from oracle import flat_gradient_fn, oracle_direction
+from tiny import TinyClassifier, batch_of, flat_params, make_data, relative_error, sgd_args
+
+HPARAMS = dict(gam_grad_rho=0.05, gam_grad_norm_rho=0.3, gam_alpha=0.6, gam_beta=0.4, gam_gamma=0.5)
+ORACLE = dict(grad_rho=0.05, grad_norm_rho=0.3, alpha=0.6, beta=0.4, gamma=0.5)
+
+
+class Recorder(TrainerCallback):
+    """Parameters after every optimizer step, and the logs."""
+
+    def __init__(self, model):
+        self.model, self.params, self.logs = model, [], []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.params.append(flat_params(self.model))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "loss" in logs:
+            self.logs.append(dict(logs))
+
+
+def train(model, data, tmp_path, **overrides):
+    recorder = Recorder(model)
+    args = sgd_args(tmp_path, logging_strategy="steps", logging_steps=1, **{**HPARAMS, **overrides})
+    trainer = GAMTrainer(model=model, args=args, train_dataset=data, callbacks=[recorder])
+    trainer.train()
+    return recorder, trainer
+
+
+def reuse_direction(gradient, theta, correction):
+    g = gradient(theta)
+    return g + g.norm() * correction
+
+
+def stored_correction(gradient, theta):
+    """What a full step stores: the part of d orthogonal to g0, divided by ||g0||."""
+    g0 = gradient(theta)
+    d = oracle_direction(gradient, theta, **ORACLE)
+    return (d - (d @ g0) / (g0 @ g0) * g0) / g0.norm(), d
+
+
+def test_full_steps_are_bit_identical_when_a_correction_is_stored(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    data = make_data()
+    plain = TinyClassifier()
+    plain.load_state_dict(model.state_dict())
+    train(model, data, tmp_path, gam_reuse_interval=2)
+    train(plain, data, tmp_path)
+    assert torch.equal(flat_params(model), flat_params(plain))
+
+
+def test_reuse_step_equals_its_oracle(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    data = make_data()
+    theta0 = flat_params(model)
+    recorder, _ = train(model, data, tmp_path, max_steps=2, gam_reuse_interval=2)
+    gradient, _ = flat_gradient_fn(model, batch_of(data, 0, 8))
+    correction, d0 = stored_correction(gradient, theta0)
+    assert relative_error(theta0 - recorder.params[0], d0) < 1e-10
+    gradient, _ = flat_gradient_fn(model, batch_of(data, 8, 8))
+    expected = reuse_direction(gradient, recorder.params[0], correction)
+    assert relative_error(gradient(recorder.params[0]), expected) > 1e-3  # the correction matters
+    assert relative_error(recorder.params[0] - recorder.params[1], expected) < 1e-10
+    assert [h["gam/passes"] for h in recorder.logs] == [4, 1]
+
+
+def test_reuse_under_gradient_accumulation(tmp_path):
+    """Each micro-batch of a reuse step adds ||its g0|| times the correction of the last full micro-batch."""
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    data = make_data(n=32)
+    theta0 = flat_params(model)
+    recorder, _ = train(model, data, tmp_path, max_steps=2, gam_reuse_interval=2, gradient_accumulation_steps=2)
+    batches = [batch_of(data, start, 8) for start in (0, 8, 16, 24)]
+    grads = [flat_gradient_fn(model, b)[0] for b in batches]
+    correction, _ = stored_correction(grads[1], theta0)
+    # The loss of each micro-batch is divided by the 2 accumulation steps: so are g0 and d (the correction,
+    # stored per unit of ||g0||, is not).
+    expected = sum(reuse_direction(lambda t, g=g: g(t) / 2, recorder.params[0], correction) for g in grads[2:])
+    assert relative_error(recorder.params[0] - recorder.params[1], expected) < 1e-10
+    assert [h["gam/passes"] for h in recorder.logs] == [4, 1]
+
+
+def test_late_start_runs_stock_steps_first(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    stock = TinyClassifier()
+    stock.load_state_dict(model.state_dict())
+    data = make_data()
+    recorder, _ = train(model, data, tmp_path, max_steps=4, gam_start=0.5)
+    stock_recorder, _ = train(stock, data, tmp_path, max_steps=2, gam_method="none")
+    assert torch.equal(recorder.params[1], stock_recorder.params[1])
+    assert [h["gam/passes"] for h in recorder.logs] == [1, 1, 4, 4]
+    gradient, _ = flat_gradient_fn(model, batch_of(data, 16, 8))
+    expected = oracle_direction(gradient, recorder.params[1], **ORACLE)
+    assert relative_error(recorder.params[1] - recorder.params[2], expected) < 1e-10
+
+
+def test_linear_schedule_grows_the_radii_with_training(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    data = make_data()
+    theta0 = flat_params(model)
+    recorder, _ = train(model, data, tmp_path, max_steps=4, gam_rho_schedule="linear")
+    assert [h["gam/grad_rho"] for h in recorder.logs] == pytest.approx([0.0125, 0.025, 0.0375, 0.05])
+    assert [h["gam/grad_norm_rho"] for h in recorder.logs] == pytest.approx([0.075, 0.15, 0.225, 0.3])
+    gradient, _ = flat_gradient_fn(model, batch_of(data, 0, 8))
+    expected = oracle_direction(gradient, theta0, **{**ORACLE, "grad_rho": 0.0125, "grad_norm_rho": 0.075})
+    assert relative_error(theta0 - recorder.params[0], expected) < 1e-10
+
+
+def test_linear_schedule_counts_from_the_late_start(tmp_path):
+    torch.manual_seed(0)
+    recorder, _ = train(TinyClassifier(), make_data(), tmp_path, max_steps=4, gam_start=0.5,
+                        gam_rho_schedule="linear")
+    assert [h.get("gam/grad_rho") for h in recorder.logs] == pytest.approx([None, None, 0.025, 0.05])
+
+
+def test_resume_rebuilds_the_correction_with_a_full_step(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    start = TinyClassifier()
+    start.load_state_dict(model.state_dict())
+    data = make_data(n=64)
+    recorder, _ = train(model, data, tmp_path / "run", max_steps=4, gam_reuse_interval=2, save_strategy="steps",
+                        save_steps=1)
+    assert [h["gam/passes"] for h in recorder.logs] == [4, 1, 4, 1]
+    resumed = Recorder(start)
+    args = sgd_args(tmp_path / "run", logging_strategy="steps", logging_steps=1, max_steps=4, gam_reuse_interval=2,
+                    **HPARAMS)
+    trainer = GAMTrainer(model=start, args=args, train_dataset=data, callbacks=[resumed])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+    # Step 1 would reuse, but the correction died with the first process: it runs full GAM and stores a new one.
+    assert [h["gam/passes"] for h in resumed.logs] == [4, 4, 1]
+
+
+@pytest.mark.parametrize("field, value", [("gam_reuse_interval", 0), ("gam_reuse_interval", 2.0), ("gam_start", 1.0),
+                                          ("gam_start", -0.1)])
+def test_bad_values_are_refused(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        GAMConfig(output_dir=str(tmp_path), **{field: value})
+
+
+def test_interval_and_reuse_are_exclusive(tmp_path):
+    with pytest.raises(ValueError, match="at most one"):
+        GAMConfig(output_dir=str(tmp_path), gam_interval=2, gam_reuse_interval=2)
