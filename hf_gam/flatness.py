@@ -1,6 +1,6 @@
 """Flatness of a trained model: top Hessian eigenvalue, Hessian trace and first-order flatness.
 
-All three are measured on one fixed batch, at the current parameters, with the model in evaluation mode
+All three are measured on a fixed set of examples, at the current parameters, with the model in evaluation mode
 (no dropout; BatchNorm uses its running statistics), so two measurements of the same weights agree.
 
 * `top_hessian_eigenvalue`: power iteration on Hessian-vector products (double back-propagation).
@@ -11,13 +11,17 @@ All three are measured on one fixed batch, at the current parameters, with the m
   defines first-order flatness as R1 = rho * max_{||e|| <= rho} ||grad L(theta + e)||; we report both the
   maximum norm and R1. Near a minimum R1 ~ rho^2 * lambda_max.
 
-The maths is written over lists of tensors (one per trainable parameter), with a `loss_fn` closure that
-recomputes the scalar loss on the fixed batch.
+The maths is written over lists of tensors (one per trainable parameter). The loss is a closure that
+recomputes the scalar loss, or a list of `(weight, closure)` terms whose weighted sum is the loss: the
+examples split into chunks, each term the mean loss of one chunk weighted by its share of the examples.
+With several terms every gradient and Hessian-vector product runs the chunks one after the other and frees
+each chunk's graph before the next, so peak memory is that of one chunk's double back-propagation, however
+many examples there are; one term keeps its graph across products instead.
 
-Data parallel: when `torch.distributed` is initialised, every rank measures on its own batch with the
+Data parallel: when `torch.distributed` is initialised, every rank measures on its own examples with the
 unwrapped model and the Hessian-vector products, gradients and scalars are averaged over ranks (all-reduce).
 The random vectors come from a generator seeded identically on every rank, so all ranks follow the same
-iterates and measure the Hessian of the mean loss over the union of their batches.
+iterates and measure the Hessian of the mean loss over the union of their examples.
 
 `FlatnessCallback` logs the three metrics at evaluation time through a `transformers.Trainer`, and
 `python -m hf_gam.flatness CHECKPOINT_DIR` measures a saved image-classification checkpoint.
@@ -28,21 +32,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 Tensors = list[torch.Tensor]
 
 __all__ = [
     "FlatnessCallback",
+    "as_batches",
+    "batch_size",
+    "chunked_loss_terms",
     "digits_examples",
     "first_order_flatness",
     "hessian_trace",
     "hvp",
     "measure_flatness",
     "model_loss_fn",
+    "slice_batch",
     "top_hessian_eigenvalue",
 ]
 
@@ -109,6 +120,15 @@ def _random_like(params: Sequence[torch.Tensor], generator: torch.Generator, kin
 # Gradients and Hessian-vector products
 
 
+LossTerms = list[tuple[float, Callable[[], torch.Tensor]]]
+Loss = Callable[[], torch.Tensor] | LossTerms
+
+
+def _terms(loss_fn: Loss) -> LossTerms:
+    """A loss closure or a list of `(weight, closure)` terms, as a list of terms."""
+    return [(1.0, loss_fn)] if callable(loss_fn) else list(loss_fn)
+
+
 def gradients(loss_fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], create_graph: bool = False):
     """Return (loss, [dL/dp]) with zeros for parameters the loss does not reach."""
     loss = loss_fn()
@@ -123,8 +143,62 @@ def hvp(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor], vectors: 
     return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, hv)]
 
 
+def _add_scaled(total: Tensors | None, xs: Sequence[torch.Tensor], weight: float) -> Tensors:
+    """total + weight * xs (in place on total; a new list when total is None)."""
+    if total is None:
+        return [weight * x for x in xs]
+    for t, x in zip(total, xs):
+        t.add_(x, alpha=weight)
+    return total
+
+
+class _Curvature:
+    """Loss, gradient and Hessian-vector products of L = sum_c w_c L_c at the current parameter values.
+
+    One term keeps its graph (built with `create_graph=True`) and reuses it for every product. Several terms run
+    each chunk's forward, backward and double backward in turn and free its graph before the next chunk.
+    """
+
+    def __init__(self, loss_fn: Loss, params: Sequence[torch.Tensor]):
+        self.terms = _terms(loss_fn)
+        self.params = list(params)
+        self._kept = None  # (weight, gradients with their graph) of a single term
+
+    def loss(self) -> float:
+        with torch.no_grad():
+            return sum(w * float(fn()) for w, fn in self.terms)
+
+    def gradient(self, keep_graph: bool = False) -> Tensors:
+        """dL/dp (detached). With a single term and `keep_graph`, its graph stays for the next `hvp` calls."""
+        if len(self.terms) == 1:
+            weight, fn = self.terms[0]
+            _, grads = gradients(fn, self.params, create_graph=keep_graph)
+            if keep_graph:
+                self._kept = (weight, grads)
+            return [weight * g.detach() for g in grads]
+        total = None
+        for weight, fn in self.terms:
+            _, grads = gradients(fn, self.params)
+            total = _add_scaled(total, grads, weight)
+        return total
+
+    def hvp(self, vectors: Sequence[torch.Tensor]) -> Tensors:
+        """H v for the Hessian H of L."""
+        if len(self.terms) == 1:
+            if self._kept is None:
+                self.gradient(keep_graph=True)
+            weight, grads = self._kept
+            return _scale(hvp(grads, self.params, vectors), weight)
+        total = None
+        for weight, fn in self.terms:
+            _, grads = gradients(fn, self.params, create_graph=True)
+            total = _add_scaled(total, hvp(grads, self.params, vectors), weight)
+            del grads  # this chunk's graph goes before the next chunk's is built
+        return total
+
+
 def top_hessian_eigenvalue(
-    loss_fn: Callable[[], torch.Tensor],
+    loss_fn: Loss,
     params: Sequence[torch.Tensor],
     iters: int = 20,
     tol: float = 1e-3,
@@ -136,13 +210,13 @@ def top_hessian_eigenvalue(
     """
     params = list(params)
     generator = torch.Generator().manual_seed(seed)
-    _, grads = gradients(loss_fn, params, create_graph=True)
+    curvature = _Curvature(loss_fn, params)
     v = _random_like(params, generator, "normal")
     v = _scale(v, 1.0 / (_norm(v) + 1e-30))
     eig = None
     done = 0
     for done in range(1, iters + 1):
-        hv = _mean_over_ranks(hvp(grads, params, v))
+        hv = _mean_over_ranks(curvature.hvp(v))
         new_eig = _dot(v, hv)
         norm_hv = _norm(hv)
         if norm_hv == 0.0:
@@ -157,7 +231,7 @@ def top_hessian_eigenvalue(
 
 
 def hessian_trace(
-    loss_fn: Callable[[], torch.Tensor],
+    loss_fn: Loss,
     params: Sequence[torch.Tensor],
     samples: int = 20,
     seed: int = 0,
@@ -165,18 +239,18 @@ def hessian_trace(
     """Hutchinson's estimate of tr(H): mean of v^T H v over Rademacher vectors, with its standard error."""
     params = list(params)
     generator = torch.Generator().manual_seed(seed + 1)
-    _, grads = gradients(loss_fn, params, create_graph=True)
+    curvature = _Curvature(loss_fn, params)
     values = []
     for _ in range(samples):
         v = _random_like(params, generator, "rademacher")
-        values.append(_dot(v, _mean_over_ranks(hvp(grads, params, v))))
+        values.append(_dot(v, _mean_over_ranks(curvature.hvp(v))))
     mean = sum(values) / len(values)
     var = sum((x - mean) ** 2 for x in values) / max(len(values) - 1, 1)
     return {"trace": mean, "trace_stderr": math.sqrt(var / len(values))}
 
 
 def first_order_flatness(
-    loss_fn: Callable[[], torch.Tensor],
+    loss_fn: Loss,
     params: Sequence[torch.Tensor],
     rho: float = 0.05,
     steps: int = 3,
@@ -197,8 +271,8 @@ def first_order_flatness(
             with torch.no_grad():
                 for p, s, d in zip(params, saved, e):
                     p.copy_(s + d)
-            _, grads = gradients(loss_fn, params, create_graph=step < steps)
-            grads_mean = _mean_over_ranks([g.detach() for g in grads])
+            curvature = _Curvature(loss_fn, params)  # at theta + e
+            grads_mean = _mean_over_ranks(curvature.gradient(keep_graph=step < steps))
             norm = _norm(grads_mean)
             if grad_norm0 is None:
                 grad_norm0 = norm
@@ -206,7 +280,7 @@ def first_order_flatness(
             if step == steps or norm == 0.0:
                 break
             # d||g|| / dtheta = H g / ||g||, with g the rank-averaged gradient and H averaged over ranks.
-            u = _mean_over_ranks(hvp(grads, params, _scale(grads_mean, 1.0 / norm)))
+            u = _mean_over_ranks(curvature.hvp(_scale(grads_mean, 1.0 / norm)))
             norm_u = _norm(u)
             if norm_u == 0.0:
                 break
@@ -259,6 +333,58 @@ def model_loss_fn(model: torch.nn.Module, batch, loss: Callable | None = None) -
     return lambda: loss(model, dict(batch) if isinstance(batch, Mapping) else batch)
 
 
+def _batch_items(batch) -> list:
+    return list(batch.values()) if isinstance(batch, Mapping) else list(batch)
+
+
+def batch_size(batch) -> int:
+    """The number of examples in `batch`: the leading size of its first tensor with at least one dimension."""
+    for value in _batch_items(batch):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("The batch holds no tensor with a batch dimension.")
+
+
+def slice_batch(batch, start: int, stop: int):
+    """Examples `start:stop` of `batch`: every tensor whose leading size is the batch size is sliced."""
+    n = batch_size(batch)
+
+    def cut(value):
+        return value[start:stop] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n else value
+
+    if isinstance(batch, Mapping):
+        return {k: cut(v) for k, v in batch.items()}
+    return type(batch)(cut(v) for v in batch)
+
+
+def as_batches(batches) -> list:
+    """One batch or a list of batches (dicts, tuples or lists of tensors), as a list of batches."""
+    if isinstance(batches, list) and batches and not isinstance(batches[0], torch.Tensor):
+        return list(batches)
+    return [batches]
+
+
+def chunked_loss_terms(model: torch.nn.Module, batches, chunk_size: int | None = None,
+                       loss: Callable | None = None) -> LossTerms:
+    """`(weight, closure)` terms whose weighted sum is the mean loss over all examples of `batches`.
+
+    `batches` is one batch or a list of batches; each is split into chunks of at most `chunk_size` examples (None:
+    one chunk per batch). A closure computes the loss of one chunk (the model's mean over its examples) and its
+    weight is the chunk's share of all examples, so the terms sum to the mean loss over all of them.
+    """
+    chunks = []
+    for batch in as_batches(batches):
+        n = batch_size(batch)
+        step = n if chunk_size is None else chunk_size
+        if step < 1:
+            raise ValueError(f"chunk_size must be at least 1, got {chunk_size}.")
+        chunks += [slice_batch(batch, start, min(start + step, n)) for start in range(0, n, step)]
+    total = sum(batch_size(c) for c in chunks)
+    if len(chunks) == 1:
+        return [(1.0, model_loss_fn(model, chunks[0], loss))]
+    return [(batch_size(c) / total, model_loss_fn(model, c, loss)) for c in chunks]
+
+
 @contextlib.contextmanager
 def _measurement_mode(model: torch.nn.Module):
     """Evaluation mode and the math attention kernel (fused kernels lack double backward); restored after."""
@@ -287,11 +413,18 @@ def measure_flatness(
     ascent_steps: int = 3,
     seed: int = 0,
     metrics: Sequence[str] = ("eigenvalue", "trace", "first_order"),
+    chunk_size: int | None = None,
+    eig_tol: float = 1e-3,
 ) -> dict:
-    """Measure the chosen metrics of `model` on `batch`; returns a flat dict of floats.
+    """Measure the chosen metrics of `model` on the examples of `batch`; returns a flat dict of floats.
+
+    `batch` is one batch or a list of batches; all their examples together define the loss (their mean). With
+    `chunk_size`, every gradient and Hessian-vector product runs over chunks of at most that many examples, so
+    peak memory is that of one chunk; the result is the same as in one batch (up to rounding). `loss(model, batch)`
+    must return the mean loss over the batch's examples (default: the model's own loss).
 
     `model` may be wrapped (DDP); its inner module is used. Under `torch.distributed`, call it on every rank
-    with that rank's batch: results are the same on all ranks.
+    with that rank's examples: results are the same on all ranks.
     """
     model = _unwrap(model)
     for p in model.parameters():
@@ -300,18 +433,17 @@ def measure_flatness(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters.")
-    loss_fn = model_loss_fn(model, batch, loss)
+    terms = chunked_loss_terms(model, batch, chunk_size, loss)
     out = {}
     with _measurement_mode(model):
-        with torch.no_grad():
-            out["loss"] = _mean_scalar_over_ranks(float(loss_fn()), params[0].device)
+        out["loss"] = _mean_scalar_over_ranks(_Curvature(terms, params).loss(), params[0].device)
         if "eigenvalue" in metrics:
-            r = top_hessian_eigenvalue(loss_fn, params, iters=eig_iters, seed=seed)
+            r = top_hessian_eigenvalue(terms, params, iters=eig_iters, tol=eig_tol, seed=seed)
             out["top_eigenvalue"] = r["top_eigenvalue"]
         if "trace" in metrics:
-            out.update(hessian_trace(loss_fn, params, samples=trace_samples, seed=seed))
+            out.update(hessian_trace(terms, params, samples=trace_samples, seed=seed))
         if "first_order" in metrics:
-            out.update(first_order_flatness(loss_fn, params, rho=rho, steps=ascent_steps))
+            out.update(first_order_flatness(terms, params, rho=rho, steps=ascent_steps))
     return out
 
 
@@ -327,19 +459,25 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 class FlatnessCallback(TrainerCallback):
     """Measure flatness at every evaluation and log it with the Trainer's logs as `flatness/*`.
 
-    The fixed batch is `batch` if given, else the first `num_examples` examples of the first evaluation
-    batch (each rank keeps its own under data parallel), frozen at the first evaluation.
+    The examples are `batch` if given, else the first `num_examples` examples of the evaluation dataloader,
+    gathered over as many of its batches as needed (all of them, with a warning, when it has fewer examples; each
+    rank keeps its own under data parallel) and frozen at the first evaluation. Gradients and Hessian-vector
+    products run over chunks of at most `chunk_size` examples, so peak memory is that of one chunk's double
+    backward whatever `num_examples` is; the metrics are those of the mean loss over all the examples. The number
+    of examples is logged as `flatness/num_examples`.
 
     Logging through the Trainer (console, TensorBoard, W&B, `state.log_history`) needs the trainer:
     use `FlatnessCallback.attach(trainer, ...)` or `callback.bind(trainer)`. Without it, the metrics are
     still added to the dict `trainer.evaluate()` returns and appended to `state.log_history`.
     """
 
-    def __init__(self, batch=None, num_examples: int | None = 256, prefix: str = "flatness/", **measure_kwargs):
-        """`measure_kwargs` go to `measure_flatness` (loss, eig_iters, trace_samples, rho, ascent_steps, seed,
-        metrics) and keep its defaults."""
+    def __init__(self, batch=None, num_examples: int | None = 256, chunk_size: int | None = 16,
+                 prefix: str = "flatness/", **measure_kwargs):
+        """`measure_kwargs` go to `measure_flatness` (loss, eig_iters, eig_tol, trace_samples, rho, ascent_steps,
+        seed, metrics) and keep its defaults. `num_examples=None` takes the whole evaluation set."""
         self.batch = batch
         self.num_examples = num_examples
+        self.chunk_size = chunk_size
         self.kwargs = measure_kwargs
         self.prefix = prefix
         self.trainer = None
@@ -355,21 +493,37 @@ class FlatnessCallback(TrainerCallback):
     def bind(self, trainer) -> None:
         self.trainer = trainer
 
-    def _take_batch(self, eval_dataloader):
-        batch = next(iter(eval_dataloader))
-        if self.num_examples is not None:
-            batch = {k: (v[: self.num_examples] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        return {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    def _take_examples(self, eval_dataloader) -> list:
+        """The first `num_examples` examples of the dataloader, as a list of batches kept on the CPU."""
+        batches, count = [], 0
+        for batch in eval_dataloader:
+            n = batch_size(batch)
+            if self.num_examples is not None:
+                n = min(n, self.num_examples - count)
+                batch = slice_batch(batch, 0, n)
+            batches.append(_to_device(batch, "cpu"))
+            count += n
+            if self.num_examples is not None and count >= self.num_examples:
+                break
+        if count == 0:
+            raise ValueError("FlatnessCallback: the evaluation dataloader gave no examples.")
+        if self.num_examples is not None and count < self.num_examples:
+            logger.warning(
+                f"FlatnessCallback: the evaluation set has {count} examples (on this process), fewer than "
+                f"num_examples={self.num_examples}; flatness is measured on those {count}."
+            )
+        return batches
 
     def measure(self, model) -> dict:
-        values = measure_flatness(model, self.batch, **self.kwargs)
+        values = measure_flatness(model, self.batch, chunk_size=self.chunk_size, **self.kwargs)
+        values["num_examples"] = sum(batch_size(b) for b in as_batches(self.batch))
         return {f"{self.prefix}{k}": v for k, v in values.items()}
 
     def on_evaluate(self, args, state, control, model=None, eval_dataloader=None, metrics=None, **kwargs):
         if self.batch is None:
             if eval_dataloader is None:
                 raise ValueError("FlatnessCallback needs `batch=` or an evaluation dataloader.")
-            self.batch = self._take_batch(eval_dataloader)
+            self.batch = self._take_examples(eval_dataloader)
         logs = self.measure(model)
         if metrics is not None:
             metrics.update(logs)
@@ -432,12 +586,14 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m hf_gam.flatness",
         description="Top Hessian eigenvalue, Hessian trace and first-order flatness of a saved "
-        "image-classification checkpoint on a fixed batch.",
+        "image-classification checkpoint on a fixed set of examples, measured in chunks.",
     )
     parser.add_argument("checkpoint", help="directory written by save_pretrained / a Trainer checkpoint")
     parser.add_argument("--data", default="digits", help="'digits' (scikit-learn, bundled) or an imagefolder path")
     parser.add_argument("--split", default="train", help="digits split: train, validation or test")
     parser.add_argument("--num-examples", type=int, default=256)
+    parser.add_argument("--chunk-size", type=int, default=16,
+                        help="examples per forward/double-backward pass; peak memory is that of one chunk")
     parser.add_argument("--eig-iters", type=int, default=20)
     parser.add_argument("--trace-samples", type=int, default=20)
     parser.add_argument("--rho", type=float, default=0.05)
@@ -452,7 +608,7 @@ def main(argv=None) -> dict:
     batch = _stack(examples[: args.num_examples])
     result = measure_flatness(
         model, batch, eig_iters=args.eig_iters, trace_samples=args.trace_samples, rho=args.rho,
-        ascent_steps=args.ascent_steps, seed=args.seed,
+        ascent_steps=args.ascent_steps, seed=args.seed, chunk_size=args.chunk_size,
     )
     result["num_examples"] = len(batch["labels"])
     print(json.dumps(result, indent=2))

@@ -328,6 +328,46 @@ class GAMMixin:
         if self.is_world_process_zero():
             append_gam_section(os.path.join(self.args.output_dir, "README.md"), self.args)
 
+    # ---- checkpoints ----
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
+        """Resume with every weight restored, through the key conversion `from_pretrained` applies.
+
+        The stock Trainer loads the raw file with `load_state_dict`, which leaves renamed weights (Transformers 5.x
+        saves the original key format) at their current values with only a warning. FSDP, SageMaker MP and PEFT
+        adapters keep the Trainer's own path.
+        """
+        from .checkpoint import load_checkpoint_weights
+
+        model = self.model if model is None else model
+        if self._own_checkpoint_loading(model, resume_from_checkpoint):
+            logger.info(f"Loading model from {resume_from_checkpoint}.")
+            load_checkpoint_weights(model, resume_from_checkpoint)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        """Load the best checkpoint with every weight restored (see `_load_from_checkpoint`)."""
+        from .checkpoint import load_checkpoint_weights
+
+        checkpoint = self.state.best_model_checkpoint
+        if self._own_checkpoint_loading(self.model, checkpoint):
+            logger.info(f"Loading best model from {checkpoint} (score: {self.state.best_metric}).")
+            load_checkpoint_weights(self.model, checkpoint)
+        else:
+            super()._load_best_model()
+
+    def _own_checkpoint_loading(self, model: nn.Module, checkpoint: str) -> bool:
+        """Whether `checkpoint` holds full-model weights that `load_checkpoint_weights` should load into `model`."""
+        from transformers.trainer_utils import _is_peft_model
+        from transformers.utils import is_sagemaker_mp_enabled
+
+        from .checkpoint import checkpoint_weight_files
+
+        if self.is_fsdp_enabled or is_sagemaker_mp_enabled() or _is_peft_model(model):
+            return False
+        return checkpoint_weight_files(checkpoint) is not None
+
 
 class GAMTrainer(GAMMixin, Trainer):
     """

@@ -114,25 +114,42 @@ class TinyNet(torch.nn.Module):
         return {"loss": loss, "logits": logits}
 
 
-def test_measure_flatness_matches_exact_hessian_of_a_network():
-    model = TinyNet().double()
+def _tiny_net_batch():
     g = torch.Generator().manual_seed(1)
-    batch = {"x": torch.randn(16, 3, generator=g, dtype=torch.float64), "labels": torch.randint(0, 2, (16,), generator=g)}
+    return {"x": torch.randn(16, 3, generator=g, dtype=torch.float64), "labels": torch.randint(0, 2, (16,), generator=g)}
+
+
+class CountingTinyNet(TinyNet):
+    """TinyNet that records how many examples each forward pass sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, labels=None):
+        self.seen.append(x.shape[0])
+        return super().forward(x, labels)
+
+
+def _exact_hessian(model, batch):
     params = [p for p in model.parameters() if p.requires_grad]
-    shapes = [p.shape for p in params]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
 
     def flat_loss(flat):
         chunks, offset = {}, 0
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        for n, s in zip(names, shapes):
-            k = math.prod(s)
-            chunks[n] = flat[offset : offset + k].view(s)
-            offset += k
+        for n, p in zip(names, params):
+            chunks[n] = flat[offset : offset + p.numel()].view(p.shape)
+            offset += p.numel()
         model.eval()  # measurement is in eval mode: dropout off
         return torch.func.functional_call(model, chunks, (batch["x"], batch["labels"]))["loss"]
 
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    hess = torch.autograd.functional.hessian(flat_loss, flat)
+    return torch.autograd.functional.hessian(flat_loss, torch.cat([p.detach().reshape(-1) for p in params]))
+
+
+def test_measure_flatness_matches_exact_hessian_of_a_network():
+    model = TinyNet().double()
+    batch = _tiny_net_batch()
+    hess = _exact_hessian(model, batch)
     eig = torch.linalg.eigvalsh(hess)
     top = eig[eig.abs().argmax()].item()
     model.train()
@@ -141,6 +158,35 @@ def test_measure_flatness_matches_exact_hessian_of_a_network():
     assert result["top_eigenvalue"] == pytest.approx(top, rel=1e-3)
     assert abs(result["trace"] - torch.trace(hess).item()) < 4 * result["trace_stderr"] + 1e-9
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_chunked_measurement_equals_one_batch_and_the_exact_hessian():
+    model = CountingTinyNet().double()
+    batch = _tiny_net_batch()
+    settings = dict(eig_iters=400, eig_tol=1e-14, trace_samples=20, rho=0.1, ascent_steps=3)
+    whole = measure_flatness(model, batch, **settings)
+    model.seen.clear()
+    chunked = measure_flatness(model, batch, chunk_size=5, **settings)  # chunks of 5, 5, 5, 1: unequal weights
+    assert max(model.seen) == 5 and set(model.seen) == {5, 1}  # no pass ever saw more than one chunk
+    assert model.seen.count(5) == 3 * model.seen.count(1)  # ... and every pass went over all four chunks
+    for key in ("loss", "top_eigenvalue", "trace", "trace_stderr", "grad_norm", "max_grad_norm"):
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-12, abs=0), key
+    eig = torch.linalg.eigvalsh(_exact_hessian(model, batch))
+    assert chunked["top_eigenvalue"] == pytest.approx(eig[eig.abs().argmax()].item(), rel=1e-9)
+
+
+def test_chunks_are_weighted_by_their_number_of_examples():
+    # Batches of 12 and 4 examples: the mean over all 16 is not the mean of the two batch means.
+    model = TinyNet().double()
+    batch = _tiny_net_batch()
+    halves = [{k: v[:12] for k, v in batch.items()}, {k: v[12:] for k, v in batch.items()}]
+    whole = measure_flatness(model, batch, metrics=("eigenvalue",), eig_iters=50)
+    split = measure_flatness(model, halves, chunk_size=None, metrics=("eigenvalue",), eig_iters=50)
+    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-12)
+    assert split["top_eigenvalue"] == pytest.approx(whole["top_eigenvalue"], rel=1e-12)
+    unweighted = 0.5 * (measure_flatness(model, halves[0], metrics=())["loss"]
+                        + measure_flatness(model, halves[1], metrics=())["loss"])
+    assert unweighted != pytest.approx(whole["loss"], rel=1e-6)
 
 
 def _digits_vit(tmp_path):
@@ -154,41 +200,64 @@ def _digits_vit(tmp_path):
     return ViTForImageClassification(config)
 
 
-def test_callback_logs_through_a_real_trainer(tmp_path):
-    from transformers import Trainer, TrainingArguments
-
-    from hf_gam.flatness import digits_examples
+def test_callback_under_gam_trainer_measures_num_examples_across_eval_batches(tmp_path):
+    from hf_gam import GAMConfig, GAMTrainer
+    from hf_gam.flatness import _stack, digits_examples
 
     train = digits_examples("train")[:64]
-    val = digits_examples("validation")[:32]
-    args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=16, per_device_eval_batch_size=16,
+    val = digits_examples("validation")[:40]
+    args = GAMConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=16, per_device_eval_batch_size=8,
         max_steps=4, eval_strategy="steps", eval_steps=2, logging_steps=2, report_to=[],
-        use_cpu=True, save_strategy="no", remove_unused_columns=False,
+        use_cpu=True, save_strategy="no", remove_unused_columns=False, disable_tqdm=True,
     )
-    trainer = Trainer(model=_digits_vit(tmp_path), args=args, train_dataset=train, eval_dataset=val)
-    callback = FlatnessCallback.attach(trainer, num_examples=16, eig_iters=5, trace_samples=3, ascent_steps=2)
+    trainer = GAMTrainer(model=_digits_vit(tmp_path), args=args, train_dataset=train, eval_dataset=val)
+    settings = dict(eig_iters=8, trace_samples=3, ascent_steps=2)
+    # 20 examples: two and a half evaluation batches of 8, measured in chunks of 6.
+    FlatnessCallback.attach(trainer, num_examples=20, chunk_size=6, **settings)
     trainer.train()
     logged = [h for h in trainer.state.log_history if "flatness/top_eigenvalue" in h]
     assert [h["step"] for h in logged] == [2, 4]
     for h in logged:
+        assert h["flatness/num_examples"] == 20
         for key in ("flatness/trace", "flatness/max_grad_norm", "flatness/first_order_flatness", "flatness/loss"):
             assert math.isfinite(h[key])
         assert h["flatness/max_grad_norm"] >= h["flatness/grad_norm"]
-    # The same batch is reused: measuring again at the final weights reproduces the last log exactly.
-    assert callback.batch["pixel_values"].shape[0] == 16
-    again = callback.measure(trainer.model)
-    assert again["flatness/top_eigenvalue"] == pytest.approx(logged[-1]["flatness/top_eigenvalue"], rel=1e-6)
-    metrics = trainer.evaluate()
-    assert "flatness/trace" in metrics
+    # An independent measurement at the final weights on the first 20 validation examples, in one batch.
+    last = logged[-1]
+    independent = measure_flatness(trainer.model, _stack(val[:20]), **settings)
+    for key in ("loss", "top_eigenvalue", "trace", "grad_norm", "max_grad_norm"):
+        assert last[f"flatness/{key}"] == pytest.approx(independent[key], rel=1e-4), key
+    # The first evaluation batch alone gives other numbers: the 20 examples were really used.
+    first_batch = measure_flatness(trainer.model, _stack(val[:8]), **settings)
+    assert first_batch["loss"] != pytest.approx(last["flatness/loss"], rel=1e-3)
+    assert first_batch["top_eigenvalue"] != pytest.approx(last["flatness/top_eigenvalue"], rel=1e-3)
+    assert "flatness/trace" in trainer.evaluate()
+
+
+def test_callback_takes_fewer_examples_when_the_eval_set_is_smaller(caplog):
+    from torch.utils.data import DataLoader
+
+    from hf_gam.flatness import _stack, digits_examples
+
+    data = digits_examples("validation")[:13]
+    callback = FlatnessCallback(num_examples=50)
+    with caplog.at_level("WARNING", logger="hf_gam.flatness"):
+        batches = callback._take_examples(DataLoader(data, batch_size=5, collate_fn=_stack))
+    assert [b["labels"].shape[0] for b in batches] == [5, 5, 3]
+    assert "has 13 examples" in caplog.text and "num_examples=50" in caplog.text
+    assert [b["labels"].shape[0] for b in FlatnessCallback(num_examples=7)._take_examples(
+        DataLoader(data, batch_size=5, collate_fn=_stack))] == [5, 2]
 
 
 def test_cli_on_a_saved_checkpoint(tmp_path):
+    from hf_gam.flatness import _stack, digits_examples
+
     model = _digits_vit(tmp_path)
     model.save_pretrained(tmp_path / "ckpt")
     out = subprocess.run(
         [sys.executable, "-m", "hf_gam.flatness", str(tmp_path / "ckpt"), "--num-examples", "32",
-         "--eig-iters", "3", "--trace-samples", "2", "--ascent-steps", "1"],
+         "--chunk-size", "12", "--eig-iters", "3", "--trace-samples", "2", "--ascent-steps", "1"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr
@@ -196,7 +265,10 @@ def test_cli_on_a_saved_checkpoint(tmp_path):
 
     result = json.loads(out.stdout[out.stdout.index("{"):])
     assert result["num_examples"] == 32
-    assert math.isfinite(result["top_eigenvalue"]) and math.isfinite(result["trace"])
+    # The same 32 training digits in one batch, in this process.
+    direct = measure_flatness(model, _stack(digits_examples("train")[:32]), eig_iters=3, trace_samples=2, ascent_steps=1)
+    for key in ("loss", "top_eigenvalue", "trace", "max_grad_norm"):
+        assert result[key] == pytest.approx(direct[key], rel=1e-4), key
 
 
 def test_landscape_directions_curves_and_pictures(tmp_path):
