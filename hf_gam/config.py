@@ -113,6 +113,8 @@ def gam_config_class(base: type) -> type:
     """
     if not (isinstance(base, type) and issubclass(base, TrainingArguments)):
         raise TypeError(f"gam_config_class expects a subclass of TrainingArguments; got {base!r}.")
+    if issubclass(GAMConfig, base):  # TrainingArguments itself
+        return GAMConfig
     if issubclass(base, GAMConfig):
         check_gam_fields_declared(base)
         return base

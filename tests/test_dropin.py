@@ -179,6 +179,7 @@ def test_sft_config_default_bf16_is_sft_trainers_own_rounding(tmp_path):
 
 @pytest.mark.parametrize("base", ["seq2seq", "sft"])
 def test_gam_config_class_combines_fields(tmp_path, base):
+    assert gam_config_class(TrainingArguments) is GAMConfig and gam_config_class(GAMConfig) is GAMConfig
     base = Seq2SeqTrainingArguments if base == "seq2seq" else trl.SFTConfig
     combined = gam_config_class(base)
     assert combined is gam_config_class(base) and issubclass(combined, base) and issubclass(combined, GAMConfig)
