@@ -1,5 +1,6 @@
 """`GAMConfig`: the Trainer's arguments plus GAM's hyper-parameters."""
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -118,8 +119,65 @@ class GAMConfig(TrainingArguments):
         super().__post_init__()
 
 
+def gam_config_class(base: type) -> type:
+    """
+    A dataclass with the fields of `base` (a [`~transformers.TrainingArguments`] subclass such as
+    `Seq2SeqTrainingArguments` or TRL's `SFTConfig`) and the `gam_*` fields of [`GAMConfig`].
+
+    `base`'s own defaults and `__post_init__` are kept (they come first in the method resolution order), then
+    `GAMConfig.__post_init__` checks the `gam_*` values. Equivalent to `@dataclass class X(base, GAMConfig): pass`;
+    the `@dataclass` is what declares the `gam_*` fields, and a subclass without it is refused when it is built.
+    """
+    if not (isinstance(base, type) and issubclass(base, TrainingArguments)):
+        raise TypeError(f"gam_config_class expects a subclass of TrainingArguments; got {base!r}.")
+    if issubclass(GAMConfig, base):  # TrainingArguments itself
+        return GAMConfig
+    if issubclass(base, GAMConfig):
+        check_gam_fields_declared(base)
+        return base
+    if base not in _COMBINED:
+        namespace = {
+            "__doc__": f"`{base.__name__}` with the `gam_*` fields of `GAMConfig` (built by `gam_config_class`).",
+            "__module__": __name__,
+            # Pickled (the Trainer saves `training_args.bin`) as its base class and its values: the class is rebuilt.
+            "__reduce__": lambda self: (_rebuild, (base, dict(self.__dict__))),
+        }
+        _COMBINED[base] = dataclass(type(f"GAM{base.__name__}", (base, GAMConfig), namespace))
+    return _COMBINED[base]
+
+
+_COMBINED: dict[type, type] = {}
+
+
+def _rebuild(base: type, values: dict) -> GAMConfig:
+    """Unpickles an instance of `gam_config_class(base)` without running `__post_init__` again."""
+    args = object.__new__(gam_config_class(base))
+    args.__dict__.update(values)
+    return args
+
+
+def check_gam_fields_declared(cls: type) -> None:
+    """Raise a `TypeError` when `cls` subclasses `GAMConfig` but its dataclass fields lack the `gam_*` ones.
+
+    `class Args(SFTConfig, GAMConfig): pass` without `@dataclass` takes its fields (and `__init__`) from `SFTConfig`:
+    `gam_*` keyword arguments are refused, `HfArgumentParser` drops `--gam_*` flags it can leave unparsed, `to_dict`
+    omits them, and GAM would silently run with the class defaults.
+    """
+    declared = {f.name for f in dataclasses.fields(cls)}
+    missing = [f.name for f in dataclasses.fields(GAMConfig) if f.name.startswith("gam_") and f.name not in declared]
+    if missing:
+        raise TypeError(
+            f"{cls.__name__} subclasses GAMConfig but does not declare its fields ({', '.join(missing)}): a subclass "
+            "of several argument classes must be a dataclass. Decorate it with `@dataclass`, or build it with "
+            f"`hf_gam.gam_config_class({cls.__bases__[0].__name__})`."
+        )
+
+
 def validate_gam_fields(args) -> None:
-    """Raise a `ValueError` that names the first `gam_*` field of `args` holding a bad value."""
+    """Raise a `ValueError` that names the first `gam_*` field of `args` holding a bad value (a `TypeError` when the
+    class of `args` does not declare the `gam_*` fields, see `check_gam_fields_declared`)."""
+    if isinstance(args, GAMConfig):
+        check_gam_fields_declared(type(args))
     choices = {
         "gam_method": GAM_METHODS,
         "gam_formula": GAM_FORMULAS,

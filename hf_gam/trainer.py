@@ -1,6 +1,7 @@
 """`GAMTrainer`: the Hugging Face `Trainer` with GAM's passes inside `training_step`."""
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -13,7 +14,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
-from .config import GAMConfig, validate_gam_fields
+from .config import GAMConfig, gam_config_class, validate_gam_fields
 from .gam import DTensor, DataParallel, GAMHyperParams, GAMStats, GAMStep, norm_layers, sharded_sum
 
 logger = logging.get_logger(__name__)
@@ -24,11 +25,12 @@ _N_SUMS = 6
 
 
 def as_gam_config(args: TrainingArguments) -> GAMConfig:
-    """A `GAMConfig` with the values of `args` and GAM's defaults (for a plain `TrainingArguments`)."""
+    """`args` with GAM's default `gam_*` values added when it has none: an instance of `gam_config_class(type(args))`,
+    so that the fields of a `TrainingArguments` subclass (`Seq2SeqTrainingArguments`, TRL's `SFTConfig`) are kept."""
     if isinstance(args, GAMConfig):
         return args
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init and hasattr(args, f.name)}
-    return GAMConfig(**values)
+    return gam_config_class(type(args))(**values)
 
 
 class GAMMixin:
@@ -42,7 +44,13 @@ class GAMMixin:
     backward passes (two for `gam_method="sam"`) and leaves the GAM direction in `p.grad`, with the parameters back at
     their exact values. The Trainer's own optimizer, scheduler, clipping, gradient accumulation, checkpointing,
     callbacks and logging run unchanged. `gam_method="none"` is the stock Trainer.
+
+    Some trainers record metrics inside `compute_loss` (TRL's `SFTTrainer`: token count, entropy, token accuracy).
+    They describe the batch at theta: the attributes named in `gam_pass_side_effects` are restored after each
+    perturbed pass to what pass 1 left.
     """
+
+    gam_pass_side_effects: tuple[str, ...] = ("_metrics", "_total_train_tokens")
 
     def __init__(self, model=None, args: Optional[TrainingArguments] = None, *positional, **kwargs):
         if args is None:
@@ -85,6 +93,11 @@ class GAMMixin:
                 raise ValueError(
                     "GAMTrainer supports FSDP2 only (FSDP1 flattens parameters, so GAM cannot restore them exactly): "
                     "set `fsdp_version: 2` in the FSDP config (`fsdp_config={'version': 2}`)."
+                )
+            if getattr(self.args, "activation_offloading", False):
+                logger.warning(
+                    "GAMMixin: `activation_offloading=True` has no effect on the GAM passes: GAM's `training_step` "
+                    "replaces the one of the parent trainer, which is where TRL enters its offloading context."
                 )
             if any(p.dtype in (torch.float16, torch.bfloat16) for p in trainable):
                 logger.warning(
@@ -130,7 +143,7 @@ class GAMMixin:
 
             def forward_backward(pass_index: int) -> torch.Tensor:
                 # A fresh shallow copy each pass: `compute_loss` pops "labels" when label smoothing is on.
-                with sync_context():
+                with sync_context(), self._gam_pass_context(pass_index):
                     with self.compute_loss_context_manager():
                         loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
                     if self.args.n_gpu > 1:
@@ -181,6 +194,18 @@ class GAMMixin:
             clear_device_cache()
             if torch.backends.mps.is_available() and hasattr(torch.mps, "clear_graph_cache"):
                 torch.mps.clear_graph_cache()
+
+    @contextlib.contextmanager
+    def _gam_pass_context(self, pass_index: int):
+        """Around pass `pass_index`: after a perturbed pass, the attributes in `gam_pass_side_effects` get back the
+        values pass 1 left (metrics recorded by `compute_loss` count every batch once, at theta)."""
+        names = [n for n in self.gam_pass_side_effects if hasattr(self, n)] if pass_index > 0 else []
+        saved = {n: copy.deepcopy(getattr(self, n)) for n in names}
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """The stock Trainer's rule: is the loss already normalised for gradient accumulation?"""

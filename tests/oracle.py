@@ -53,3 +53,18 @@ def oracle_direction(gradient, theta, *, method="gam", grad_rho=0.02, grad_norm_
     cos = (h_minus @ h_plus) / (h_plus.norm() * h_minus.norm() + eps)
     h_perp = h_minus - cos * h_minus.norm() / (h_plus.norm() + eps) * h_plus
     return h_plus - gamma * h_perp
+
+
+def flat_gradient_of(model: nn.Module, loss_of):
+    """Like `flat_gradient_fn`, for a loss the caller computes from the model: `loss_of(work)` returns the loss of
+    `work`, a float64 copy of `model` (for example a trainer's own `compute_loss` on a collated batch)."""
+    work = copy.deepcopy(model).double().train()
+    params = [p for p in work.parameters() if p.requires_grad]
+
+    def gradient(theta: torch.Tensor) -> torch.Tensor:
+        torch.nn.utils.vector_to_parameters(theta, params)
+        grads = torch.autograd.grad(loss_of(work), params)
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    theta = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    return gradient, theta
