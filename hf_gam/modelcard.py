@@ -119,18 +119,22 @@ def append_gam_section(readme_path: str, args: Any) -> None:
             `TrainingArguments` fields `optim`, `learning_rate`, `per_device_train_batch_size`,
             `num_train_epochs`).
     """
+    _put_block(readme_path, render_gam_section(args), SECTION_BEGIN, SECTION_END)
+
+
+def _put_block(readme_path: str, block: str, begin: str, end: str) -> None:
+    """Replace the text between `begin` and `end` in `readme_path` with `block`, or append `block` if absent."""
     text = ""
     if os.path.exists(readme_path):
         with open(readme_path, encoding="utf-8") as f:
             text = f.read()
-    section = render_gam_section(args)
-    pattern = re.compile(re.escape(SECTION_BEGIN) + r".*?" + re.escape(SECTION_END) + r"\n?", re.DOTALL)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
     if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
+        text = pattern.sub(lambda _: block, text, count=1)
     else:
         if text and not text.endswith("\n"):
             text += "\n"
-        text += ("\n" if text else "") + section
+        text += ("\n" if text else "") + block
     with open(readme_path, "w", encoding="utf-8") as f:
         f.write(text)
 
@@ -150,3 +154,36 @@ def read_gam_section(card_text: str) -> dict[str, str]:
         if match:
             rows[match.group(1)] = match.group(2)
     return rows
+
+
+TEST_BEGIN = "<!-- hf_gam:test-results:begin -->"
+TEST_END = "<!-- hf_gam:test-results:end -->"
+
+
+def render_test_results(metrics: dict[str, float], split_name: str) -> str:
+    """One Markdown line (between markers) with the `test_*` metrics of the single evaluation after training."""
+    values = ", ".join(
+        f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}"
+        for name, value in metrics.items()
+        if name.startswith("test_") and not name.endswith(("_runtime", "_per_second"))
+    )
+    line = (
+        f"Test results (split `{split_name}`, evaluated once after training; never used for model selection): "
+        f"{values}"
+    )
+    return f"{TEST_BEGIN}\n{line}\n{TEST_END}\n"
+
+
+def append_test_results(readme_path: str, metrics: dict[str, float], split_name: str) -> None:
+    """Add (or replace) the line of test results in the model card at `readme_path`."""
+    _put_block(readme_path, render_test_results(metrics, split_name), TEST_BEGIN, TEST_END)
+
+
+def read_test_results(card_text: str) -> dict[str, float]:
+    """Parse the line written by `append_test_results` back into `{test_metric: value}`."""
+    start = card_text.find(TEST_BEGIN)
+    end = card_text.find(TEST_END, start)
+    if start < 0 or end < 0:
+        raise ValueError("The model card has no test results.")
+    line = card_text[start + len(TEST_BEGIN) : end].strip()
+    return {name: float(value) for name, value in re.findall(r"(test_\w+): ([-0-9.e+]+)", line)}

@@ -4,17 +4,26 @@
     python recipes/quickstart.py --gam_method none      # the stock Trainer, for comparison
     python recipes/quickstart.py --gam_grad_rho 0.05 --num_train_epochs 20
 
-Every `GAMConfig` / `TrainingArguments` field is a command-line option. Prints the test accuracy.
+Every `GAMConfig` / `TrainingArguments` field is a command-line option, spelt in full; a token on the command
+line is refused (log in with `hf auth login` or set HF_TOKEN). Prints the test accuracy.
 """
 
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import HfArgumentParser, ViTConfig, ViTForImageClassification
+from transformers import ViTConfig, ViTForImageClassification
 
 from hf_gam import GAMConfig, GAMTrainer
+from hf_gam.vision import exit_on_recipe_error, parse_recipe_args, recipe_parser
+
+DEFAULTS = {
+    "output_dir": "outputs/quickstart", "num_train_epochs": 10, "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 256, "learning_rate": 1e-3, "weight_decay": 0.05, "warmup_steps": 20,
+    "eval_strategy": "epoch", "save_strategy": "no", "logging_steps": 20, "report_to": "none",
+    "remove_unused_columns": False, "dataloader_num_workers": 0,
+}
+"""The demo's training settings on top of `GAMConfig`'s; flags override them."""
 
 
 @dataclass
@@ -48,15 +57,8 @@ def accuracy(eval_pred) -> dict[str, float]:
 
 
 def main(argv=None) -> dict[str, float]:
-    parser = HfArgumentParser((QuickstartArguments, GAMConfig))
-    defaults = [
-        "--output_dir", "outputs/quickstart", "--num_train_epochs", "10", "--per_device_train_batch_size", "16",
-        "--per_device_eval_batch_size", "256", "--learning_rate", "1e-3", "--weight_decay", "0.05",
-        "--warmup_steps", "20", "--eval_strategy", "epoch", "--save_strategy", "no", "--logging_steps", "20",
-        "--report_to", "none", "--remove_unused_columns", "false", "--dataloader_num_workers", "0",
-    ]
-    argv = sys.argv[1:] if argv is None else argv
-    script_args, args = parser.parse_args_into_dataclasses(args=defaults + list(argv))
+    parser = recipe_parser(QuickstartArguments, GAMConfig)
+    script_args, args = parse_recipe_args(parser, DEFAULTS, argv)
 
     train, test = load_digits_splits(script_args.test_fraction, seed=args.seed)
     config = ViTConfig(
@@ -76,4 +78,4 @@ def main(argv=None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_recipe_error(main)

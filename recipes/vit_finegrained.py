@@ -9,12 +9,18 @@ Stanford Cars on one GPU:
 
 Presets (`--dataset NAME`), each holding the Hub id, splits and column names (see `hf_gam.vision.PRESETS`):
 cars (tanganke/stanford_cars), pets (timm/oxford-iiit-pet), flowers (dpdl-benchmark/oxford_flowers102),
-cub (bentrevett/caltech-ucsd-birds-200-2011), aircraft (HuggingFaceM4/FGVC-Aircraft, 100-way `variant`),
+cub (bentrevett/caltech-ucsd-birds-200-2011), aircraft (dpdl-benchmark/fgvc_aircraft, 100-way `variant`),
 food (ethz/food101). Any other Hub dataset: `--dataset_name ID --image_column_name COL --label_column_name COL`
-(the label column must be a `ClassLabel`). Local folders: `--train_dir DIR --validation_dir DIR`.
+(the label column must be a `ClassLabel`). Local folders: `--train_dir DIR [--validation_dir DIR] [--test_dir DIR]`.
+Only the splits a run needs are downloaded.
 
-Presets evaluate on the dataset's test split (Food-101 calls it `validation`). To choose hyper-parameters,
-GAM radii included, hold out part of train instead: `--train_val_split 0.1`.
+Model selection never sees the test split: evaluation during training, early stopping and best-model selection
+use the dataset's validation split (Flowers-102, FGVC-Aircraft) or, when it has none, a stratified
+`--validation_split_fraction` (default 0.1) of train held out with `--seed`. The test split (Food-101's is called
+`validation`) is evaluated once after training and reported as `test_*` metrics and a line of the model card.
+
+An `--output_dir` that already holds checkpoints is refused: continue that run with
+`--resume_from_checkpoint last` (or a checkpoint path), or start over there with `--overwrite_output_dir`.
 
 Where the defaults come from (a starting point, not a tuned result):
 - GAM: `GAMConfig`'s defaults, the authors' released CIFAR-100 ResNet values (rho=0.2, rho'=0.02,
@@ -31,16 +37,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import HfArgumentParser
-
-from hf_gam import GAMConfig, GAMTrainer
+from hf_gam import GAMTrainer
 from hf_gam.vision import (
     COMMON_TRAINING_DEFAULTS,
     PRESETS,
     DataTrainingArguments,
     ModelArguments,
+    RecipeTrainingArguments,
     exit_on_recipe_error,
     parse_recipe_args,
+    recipe_parser,
     resolve_preset,
     run_image_classification,
 )
@@ -69,8 +75,9 @@ DEFAULTS: dict[str, Any] = {
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """Parse the command line (or `argv`), fine-tune, evaluate, write the model card; return eval metrics."""
-    parser = HfArgumentParser((ModelArguments, FineGrainedDataArguments, GAMConfig))
+    """Parse the command line (or `argv`), fine-tune, evaluate, write the model card; return validation and
+    test metrics."""
+    parser = recipe_parser(ModelArguments, FineGrainedDataArguments, RecipeTrainingArguments)
     model_args, data_args, training_args = parse_recipe_args(parser, DEFAULTS, argv)
     preset = resolve_preset(data_args.dataset) if data_args.dataset else None
     return run_image_classification(model_args, data_args, training_args, GAMTrainer, preset=preset)

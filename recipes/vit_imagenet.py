@@ -9,10 +9,17 @@ ViT-B/16 from the ImageNet-21k checkpoint, 8 GPUs (global batch 8 x 64 = 512):
         --output_dir outputs/vit-base-imagenet-gam --bf16 \\
         --gam_method gam --gam_grad_rho 0.02 --gam_grad_norm_rho 0.2
 
-Local copies in imagefolder layout (<dir>/<class>/<image>) instead of the Hub:
+Local copies in imagefolder layout (<dir>/<class>/<image>) instead of the Hub; ImageNet's `val` images are the
+test set everyone reports, so they go to `--test_dir`:
 
     accelerate launch --multi_gpu --num_processes 8 recipes/vit_imagenet.py \\
-        --train_dir /data/imagenet/train --validation_dir /data/imagenet/val --output_dir outputs/vit-in1k
+        --train_dir /data/imagenet/train --test_dir /data/imagenet/val --output_dir outputs/vit-in1k
+
+Model selection never sees the test split: evaluation during training and best-model selection use a stratified
+2% of train (`--validation_split_fraction 0.02`, about 25,600 images, seeded by `--seed`), or `--validation_dir`.
+ImageNet's `validation` split is evaluated once after training and reported as `test_*` metrics and a line of
+the model card. An `--output_dir` that already holds checkpoints is refused: continue with
+`--resume_from_checkpoint last`, or start over there with `--overwrite_output_dir`.
 
 Every option of `hf_gam.GAMConfig` (so of `transformers.TrainingArguments`, plus the `gam_*` fields) is a
 command-line flag; `--config recipes/configs/vit_imagenet.yaml` (or the file as the only argument) reads
@@ -22,7 +29,7 @@ Where the defaults below come from (a starting point, not a tuned result):
 - GAM radii and weights: `GAMConfig`'s defaults, the authors' released CIFAR-100 ResNet values
   (rho=0.2, rho'=0.02, alpha=0.6, beta=0.5, gamma=0.03), tuned for SGD over 200 epochs. Nothing shows they
   suit AdamW fine-tuning of a ViT for a few epochs; sweep `--gam_grad_rho` (e.g. 0.005, 0.01, 0.02) with
-  `--gam_grad_norm_rho` scaled alike, on a held-out part of train (`--train_val_split 0.02`).
+  `--gam_grad_norm_rho` scaled alike, on the held-out validation part of train, never on the test split.
 - Optimizer: the Trainer's default AdamW (`adamw_torch_fused`) at the Trainer's default learning rate 5e-5,
   cosine decay with 5% warmup, gradient clipping at norm 1 (clipping and cosine decay follow the ViT paper's
   fine-tuning setup, Dosovitskiy et al. 2021, which used SGD with momentum instead of AdamW).
@@ -36,16 +43,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import HfArgumentParser
-
-from hf_gam import GAMConfig, GAMTrainer
+from hf_gam import GAMTrainer
 from hf_gam.vision import (
     COMMON_TRAINING_DEFAULTS,
     IMAGENET_1K,
     DataTrainingArguments,
     ModelArguments,
+    RecipeTrainingArguments,
     exit_on_recipe_error,
     parse_recipe_args,
+    recipe_parser,
     run_image_classification,
 )
 
@@ -57,13 +64,15 @@ DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 8,
     "logging_steps": 50,
     "dataloader_num_workers": 8,
+    "validation_split_fraction": 0.02,
 }
 """Recipe defaults on top of `GAMConfig`'s; see the module docstring for where each comes from."""
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """Parse the command line (or `argv`), fine-tune, evaluate, write the model card; return eval metrics."""
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, GAMConfig))
+    """Parse the command line (or `argv`), fine-tune, evaluate, write the model card; return validation and
+    test metrics."""
+    parser = recipe_parser(ModelArguments, DataTrainingArguments, RecipeTrainingArguments)
     model_args, data_args, training_args = parse_recipe_args(parser, DEFAULTS, argv)
     preset = IMAGENET_1K if data_args.train_dir is None else None
     return run_image_classification(model_args, data_args, training_args, GAMTrainer, preset=preset)

@@ -31,13 +31,14 @@ from transformers import (  # noqa: E402
 )
 
 from hf_gam import GAMTrainer  # noqa: E402
-from hf_gam.modelcard import GAM_CITATION, read_gam_section  # noqa: E402
-from hf_gam.vision import build_transforms  # noqa: E402
+from hf_gam.modelcard import GAM_CITATION, read_gam_section, read_test_results  # noqa: E402
+from hf_gam.vision import RecipeError, build_transforms  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog", "fox")
 COLORS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "fox": (40, 40, 200)}
 SECRET = "hf_thisIsNotARealTokenButMustNeverBeWritten"
+CANARY = "canary-run-name-held-by-the-training-arguments"
 
 
 def load_recipe(name: str):
@@ -199,7 +200,7 @@ def test_finegrained_recipe_on_a_dataset_with_its_own_column_names(assets, tmp_p
     recipe = load_recipe("vit_finegrained")
     argv = base_args(assets, tmp_path / "custom-run") + [
         "--dataset_name", str(data_dir),
-        "--eval_split", "test",
+        "--test_split", "test",
         "--image_column_name", "photo",
         "--label_column_name", "species",
         "--max_steps", "1",
@@ -207,7 +208,7 @@ def test_finegrained_recipe_on_a_dataset_with_its_own_column_names(assets, tmp_p
         "--gam_method", "none",
     ]
     metrics = recipe.main(argv)
-    assert "eval_accuracy" in metrics
+    assert "eval_accuracy" in metrics and "test_accuracy" in metrics
     with pytest.raises(Exception, match="label column 'label'.*photo, species"):
         recipe.main(argv[: argv.index("--label_column_name")] + ["--max_steps", "1"])
 
@@ -270,6 +271,7 @@ def test_push_to_hub_uploads_model_and_gam_card(assets, tmp_path, monkeypatch):
         "--hub_model_id", "someone/tiny-vit-gam",
         "--gam_grad_norm_rho", "0.1",
         "--gam_gamma", "0.05",
+        "--run_name", CANARY,  # a value the arguments do hold: it must show up where a token in them would
     ]
     metrics = recipe.main(argv)
     args = RecordingGAMTrainer.instances[-1].args
@@ -285,9 +287,10 @@ def test_push_to_hub_uploads_model_and_gam_card(assets, tmp_path, monkeypatch):
     assert rows["optim"] == args.optim.value and rows["learning_rate"] == "0.001"
     assert "imagefolder" in card.text and str(assets / "tiny-vit") in card.text
     assert card_metric(card.text, "Accuracy") == pytest.approx(metrics["eval_accuracy"], abs=1e-4)
-    for path in remote.rglob("*"):
-        if path.is_file():
-            assert SECRET.encode() not in path.read_bytes(), path
+    uploaded = {path.name: path.read_bytes() for path in remote.rglob("*") if path.is_file()}
+    assert CANARY.encode() in uploaded["training_args.bin"]  # the scan below reads what a leak would reach
+    for name, content in uploaded.items():
+        assert SECRET.encode() not in content, name
 
 
 def free_port() -> int:
@@ -345,3 +348,134 @@ def test_example_configs_parse_to_valid_arguments(recipe_name, config_name, data
     assert args.gam_method == "gam" and args.learning_rate == 5e-5 and not args.remove_unused_columns
     preset = resolve_preset(getattr(data_args, "dataset", None) or "imagenet")
     assert resolve_data(data_args, preset).dataset_name == dataset_name
+
+
+def all_bytes_under(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("spelling", [["--hub_tok", SECRET], ["--hub_token", SECRET], [f"--hub_token={SECRET}"]])
+def test_token_on_the_command_line_is_refused_and_never_written(spelling, assets, tmp_path, monkeypatch):
+    """The leak path: a token flag (even abbreviated) would be pickled into training_args.bin and uploaded."""
+    hub = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: hub.create_repo(api, repo_id, **kw))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda api, **kw: hub.upload_folder(api, **kw))
+    recipe = load_recipe("vit_finegrained")
+    output_dir = tmp_path / "token-run"
+    argv = base_args(assets, output_dir) + [
+        "--train_dir", str(assets / "train"), "--validation_dir", str(assets / "validation"),
+        "--max_steps", "1", "--save_strategy", "no", "--push_to_hub", "--hub_model_id", "someone/leak",
+    ] + spelling
+    error = None
+    try:
+        recipe.main(argv)
+    except Exception as raised:  # noqa: BLE001  (checked below, after the files)
+        error = raised
+    for folder in (output_dir, tmp_path / "hub"):
+        if folder.exists():
+            for name, content in all_bytes_under(folder).items():
+                assert SECRET.encode() not in content, name
+    assert isinstance(error, RecipeError) and "HF_TOKEN" in str(error)
+    assert not hub.created and not hub.uploads
+
+
+def test_output_dir_with_checkpoints_is_refused_resumed_only_when_asked_or_overwritten(
+    assets, tmp_path, monkeypatch, caplog
+):
+    from hf_gam import vision
+
+    recipe = load_recipe("vit_finegrained")
+    monkeypatch.setattr(recipe, "GAMTrainer", RecordingGAMTrainer)
+    output_dir = tmp_path / "resume-run"
+    argv = base_args(assets, output_dir) + [
+        "--train_dir", str(assets / "train"), "--validation_dir", str(assets / "validation"),
+        "--save_strategy", "epoch", "--num_train_epochs", "1",
+    ]
+    with pytest.raises(RecipeError, match="no checkpoint"):
+        recipe.main(argv + ["--resume_from_checkpoint", "last"])
+    recipe.main(argv)
+    assert [p.name for p in output_dir.glob("checkpoint-*")] == ["checkpoint-3"]
+    card_before = (output_dir / "README.md").read_bytes()
+
+    loads = []
+    real_load = vision.load_image_datasets
+    monkeypatch.setattr(vision, "load_image_datasets", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    with pytest.raises(RecipeError) as refused:
+        recipe.main(argv + ["--gam_grad_rho", "0.005"])
+    message = str(refused.value)
+    assert "\n" not in message and "checkpoint-3" in message
+    assert "--resume_from_checkpoint last" in message and "--output_dir" in message
+    assert not loads  # refused before any data was loaded
+    assert (output_dir / "README.md").read_bytes() == card_before
+
+    caplog.set_level("INFO", logger="hf_gam.vision")
+    recipe.main(argv + ["--resume_from_checkpoint", "last", "--num_train_epochs", "2"])
+    resumed = [r.getMessage() for r in caplog.records if "Resuming from checkpoint" in r.getMessage()]
+    assert resumed and str(output_dir / "checkpoint-3") in resumed[0] and "global step 3" in resumed[0]
+    assert RecordingGAMTrainer.instances[-1].state.global_step == 6
+
+    recipe.main(argv + ["--overwrite_output_dir", "--gam_grad_rho", "0.005"])
+    trainer = RecordingGAMTrainer.instances[-1]
+    assert trainer.args.gam_grad_rho == 0.005 and trainer.state.global_step == 3  # a fresh run, not a resumed one
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-3"]
+    state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["log_history"][0]["epoch"] <= 1
+
+
+class EvaluationRecorder(GAMTrainer):
+    """`GAMTrainer` that records, for every evaluation, its metric prefix, when it ran and which images it saw."""
+
+    calls: list = []
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        training = self.state.global_step < self.state.max_steps
+        EvaluationRecorder.calls.append((metric_key_prefix, training, image_hashes(dataloader.dataset)))
+        return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+
+
+def image_hashes(dataset) -> set[str]:
+    import hashlib
+
+    table = dataset.with_format("arrow")[:]
+    return {hashlib.sha256(item["bytes"] or item["path"].encode()).hexdigest() for item in table.column("image").to_pylist()}
+
+
+def test_model_selection_never_sees_the_test_split(assets, tmp_path, monkeypatch):
+    """No validation split: a stratified part of train is carved out; evaluation during training and best-model
+    selection see only it; the test split is evaluated once, at the end, and reported as test_*."""
+    source = datasets.load_dataset("imagefolder", data_dir=str(assets / "train"), split="train")
+    data_dir = tmp_path / "hub-like"
+    data_dir.mkdir()
+    source.to_parquet(str(data_dir / "train.parquet"))  # 24 images, 8 per class
+    test = datasets.load_dataset("imagefolder", data_dir=str(assets / "validation"), split="train")
+    test.to_parquet(str(data_dir / "test.parquet"))  # 12 other images
+    recipe = load_recipe("vit_finegrained")
+    monkeypatch.setattr(recipe, "GAMTrainer", EvaluationRecorder)
+    EvaluationRecorder.calls = []
+    output_dir = tmp_path / "selection-run"
+    argv = base_args(assets, output_dir) + [
+        "--dataset_name", str(data_dir), "--validation_split_fraction", "0.25", "--num_train_epochs", "2",
+        "--eval_strategy", "epoch", "--save_strategy", "epoch", "--load_best_model_at_end",
+        "--metric_for_best_model", "accuracy", "--gam_method", "none",
+    ]
+    metrics = recipe.main(argv)
+    train_images = image_hashes(datasets.load_dataset("parquet", data_files=str(data_dir / "train.parquet"), split="train"))
+    test_images = image_hashes(datasets.load_dataset("parquet", data_files=str(data_dir / "test.parquet"), split="train"))
+    assert len(train_images) == 24 and len(test_images) == 12 and not train_images & test_images
+    prefixes = [prefix for prefix, _, _ in EvaluationRecorder.calls]
+    assert prefixes == ["eval", "eval", "eval", "test"]  # two epochs, the final validation, the test once
+    validation_images = EvaluationRecorder.calls[0][2]
+    assert len(validation_images) == 6 and validation_images <= train_images
+    for prefix, training, seen in EvaluationRecorder.calls[:-1]:
+        assert seen == validation_images and not seen & test_images
+    _, training, seen = EvaluationRecorder.calls[-1]
+    assert not training and seen == test_images
+    test_results = json.loads((output_dir / "test_results.json").read_text())
+    all_results = json.loads((output_dir / "all_results.json").read_text())
+    assert test_results["test_accuracy"] == metrics["test_accuracy"] == all_results["test_accuracy"]
+    assert all_results["eval_accuracy"] == metrics["eval_accuracy"]
+    card = (output_dir / "README.md").read_text()
+    assert read_test_results(card)["test_accuracy"] == pytest.approx(test_results["test_accuracy"], abs=1e-4)
+    assert "split `test`" in card
+    assert card_metric(card, "Accuracy") == pytest.approx(metrics["eval_accuracy"], abs=1e-4)  # stock card: validation

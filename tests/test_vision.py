@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from huggingface_hub import HfApi  # noqa: E402
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import ConvNextImageProcessor, HfArgumentParser, ViTImageProcessor  # noqa: E402
+from transformers import ConvNextImageProcessor, ViTImageProcessor  # noqa: E402
 
 from hf_gam.config import GAMConfig  # noqa: E402
 from hf_gam.vision import (  # noqa: E402
@@ -29,12 +29,15 @@ from hf_gam.vision import (  # noqa: E402
     UnknownPresetError,
     accuracy_metrics,
     build_transforms,
+    carve_validation,
     check_columns,
+    choose_splits,
     collate_fn,
     image_geometry,
     load_hub_dataset,
     make_batch_transform,
     parse_recipe_args,
+    recipe_parser as make_recipe_parser,
     resolve_data,
     resolve_preset,
     select_splits,
@@ -42,26 +45,27 @@ from hf_gam.vision import (  # noqa: E402
 )
 
 EXPECTED_PRESETS = {
-    # name: (hub id, train split, eval split, image column, label column, classes)
-    "cars": ("tanganke/stanford_cars", "train", "test", "image", "label", 196),
-    "pets": ("timm/oxford-iiit-pet", "train", "test", "image", "label", 37),
-    "flowers": ("dpdl-benchmark/oxford_flowers102", "train", "test", "image", "label", 102),
-    "cub": ("bentrevett/caltech-ucsd-birds-200-2011", "train", "test", "image", "label", 200),
-    "aircraft": ("HuggingFaceM4/FGVC-Aircraft", "train", "test", "image", "variant", 100),
-    "food": ("ethz/food101", "train", "validation", "image", "label", 101),
+    # name: (hub id, train split, validation split (None: carved from train), test split, image column, label column,
+    #        classes)
+    "cars": ("tanganke/stanford_cars", "train", None, "test", "image", "label", 196),
+    "pets": ("timm/oxford-iiit-pet", "train", None, "test", "image", "label", 37),
+    "flowers": ("dpdl-benchmark/oxford_flowers102", "train", "validation", "test", "image", "label", 102),
+    "cub": ("bentrevett/caltech-ucsd-birds-200-2011", "train", None, "test", "image", "label", 200),
+    "aircraft": ("dpdl-benchmark/fgvc_aircraft", "train", "validation", "test", "image", "variant", 100),
+    "food": ("ethz/food101", "train", None, "validation", "image", "label", 101),
 }
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PRESETS))
 def test_each_preset_resolves_to_its_id_columns_and_splits(name):
     preset = resolve_preset(name)
-    got = (preset.dataset_name, preset.train_split, preset.eval_split, preset.image_column_name,
-           preset.label_column_name, preset.num_labels)
+    got = (preset.dataset_name, preset.train_split, preset.validation_split, preset.test_split,
+           preset.image_column_name, preset.label_column_name, preset.num_labels)
     assert got == EXPECTED_PRESETS[name]
     data = resolve_data(DataTrainingArguments(), preset)
-    assert (data.dataset_name, data.train_split, data.eval_split, data.image_column_name, data.label_column_name) == (
-        got[:5]
-    )
+    assert (data.dataset_name, data.train_split, data.validation_split, data.test_split, data.image_column_name,
+            data.label_column_name) == got[:6]
+    assert not data.validation_optional and not data.test_optional
 
 
 def test_presets_are_exactly_the_documented_ones_and_aliases_work():
@@ -77,10 +81,12 @@ def test_unknown_preset_names_the_known_ones():
 
 
 def test_command_line_overrides_preset_and_other_hub_id_drops_its_columns():
-    data = resolve_data(DataTrainingArguments(label_column_name="family", eval_split="validation"), PRESETS["aircraft"])
-    assert (data.label_column_name, data.eval_split, data.train_split) == ("family", "validation", "train")
+    data = resolve_data(DataTrainingArguments(label_column_name="family", test_split="validation"), PRESETS["aircraft"])
+    assert (data.label_column_name, data.test_split, data.train_split) == ("family", "validation", "train")
     other = resolve_data(DataTrainingArguments(dataset_name="someone/birds"), PRESETS["aircraft"])
     assert (other.dataset_name, other.label_column_name) == ("someone/birds", "label")
+    assert (other.validation_split, other.test_split, other.validation_optional, other.test_optional) == (
+        "validation", "test", True, True)
     local = resolve_data(DataTrainingArguments(train_dir="/a", validation_dir="/b"), PRESETS["cars"])
     assert local.dataset_name is None and local.description == "imagefolder"
     with pytest.raises(RecipeError, match="No data"):
@@ -114,19 +120,64 @@ def test_label_column_that_is_not_a_class_label():
         check_columns(small_dataset(), "note", "breed")
 
 
-def test_splits_named_held_out_and_missing():
-    full = small_dataset(n=20)
-    dataset_dict = datasets.DatasetDict({"train": full, "test": full.select(range(5))})
-    data = resolve_data(DataTrainingArguments(), PRESETS["cars"])
-    train, evaluation = select_splits(dataset_dict, data, None, seed=0)
-    assert (len(train), len(evaluation)) == (20, 5)
-    train, evaluation = select_splits(dataset_dict, data, 0.25, seed=0)
-    assert (len(train), len(evaluation)) == (15, 5)
-    food = resolve_data(DataTrainingArguments(), PRESETS["food"])
-    with pytest.raises(MissingSplitError, match="'validation' not found; the dataset has: train, test"):
-        select_splits(dataset_dict, food, None, seed=0)
+def test_choose_splits_named_optional_and_missing():
+    cars = resolve_data(DataTrainingArguments(), PRESETS["cars"])
+    available = ["train", "test", "contrast", "pixelate"]
+    assert choose_splits(cars, available) == {"train": "train", "test": "test"}  # no validation: carved
+    generic = resolve_data(DataTrainingArguments(dataset_name="a/b"))
+    assert choose_splits(generic, ["train", "validation"]) == {"train": "train", "validation": "validation"}
+    assert choose_splits(generic, ["train", "validation", "test"])["test"] == "test"
+    flowers = resolve_data(DataTrainingArguments(), PRESETS["flowers"])
+    with pytest.raises(MissingSplitError, match="'validation' not found; the dataset has: train, test.*--validation_split"):
+        choose_splits(flowers, ["train", "test"])
+    clash = resolve_data(DataTrainingArguments(test_split="train"), PRESETS["cars"])
+    with pytest.raises(RecipeError, match="test split 'train' is also used"):
+        choose_splits(clash, ["train", "test"])
+
+
+def labelled_rows(counts, start=0):
+    """A dataset with `counts[c]` examples of class c, each with a unique `image_id` and a unique tiny image."""
+    ids, labels, images = [], [], []
+    for label, count in enumerate(counts):
+        for _ in range(count):
+            index = start + len(ids)
+            ids.append(f"id{index}")
+            labels.append(label)
+            images.append(Image.new("RGB", (4, 4), color=(index % 256, index // 256, label)))
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=len(counts)), "image_id": datasets.Value("string")}
+    )
+    return datasets.Dataset.from_dict({"image": images, "label": labels, "image_id": ids}, features=features)
+
+
+def test_carved_validation_is_stratified_seeded_and_disjoint_from_train():
+    counts = [40, 20, 10, 30]
+    full = labelled_rows(counts)
+    train, validation = carve_validation(full, 0.1, seed=3, label_column="label")
+    train_ids, validation_ids = set(train["image_id"]), set(validation["image_id"])
+    assert not train_ids & validation_ids and train_ids | validation_ids == set(full["image_id"])
+    per_class = np.bincount(validation["label"], minlength=len(counts))
+    assert all(abs(got - 0.1 * n) <= 1 for got, n in zip(per_class, counts)), per_class  # per-class proportions
+    assert per_class.sum() == 10
+    again, _ = carve_validation(full, 0.1, seed=3, label_column="label")
+    other, _ = carve_validation(full, 0.1, seed=4, label_column="label")
+    assert again["image_id"] == train["image_id"] and set(other["image_id"]) != train_ids
     with pytest.raises(RecipeError, match=r"\(0, 1\)"):
-        select_splits(dataset_dict, data, 1.5, seed=0)
+        carve_validation(full, 1.5, seed=0, label_column="label")
+    with pytest.raises(RecipeError, match="stratified"):
+        carve_validation(labelled_rows([1, 1, 1, 1]), 0.5, seed=0, label_column="label")
+
+
+def test_select_splits_drops_extra_columns_and_carves_only_without_validation():
+    data = resolve_data(DataTrainingArguments(), PRESETS["pets"])
+    splits = {"train": labelled_rows([10, 10]), "test": labelled_rows([3, 3], start=100)}
+    train, validation, test = select_splits(splits, data, 0.2, seed=0)
+    assert train.column_names == validation.column_names == test.column_names == ["image", "label"]
+    assert (len(train), len(validation), len(test)) == (16, 4, 6)
+    flowers = resolve_data(DataTrainingArguments(), PRESETS["flowers"])
+    own = {"train": labelled_rows([5, 5]), "validation": labelled_rows([2, 2], start=50), "test": labelled_rows([1, 1])}
+    train, validation, _ = select_splits(own, flowers, 0.2, seed=0)
+    assert (len(train), len(validation)) == (10, 4)
 
 
 def test_offline_hub_dataset_is_one_clear_error(monkeypatch):
@@ -214,7 +265,7 @@ def test_top1_top5_accuracy_against_a_direct_count():
 
 
 def recipe_parser():
-    return HfArgumentParser((ModelArguments, DataTrainingArguments, GAMConfig))
+    return make_recipe_parser(ModelArguments, DataTrainingArguments, GAMConfig)
 
 
 def test_arguments_from_defaults_yaml_and_command_line(tmp_path):
@@ -240,3 +291,110 @@ def test_bad_config_keys_tokens_and_gam_values_are_refused(tmp_path):
         parse_recipe_args(recipe_parser(), defaults, ["--hub_token", "hf_abc"])
     with pytest.raises(ValueError, match="gam_alpha"):
         parse_recipe_args(recipe_parser(), defaults, ["--gam_alpha", "1.5"])
+
+
+def test_flags_are_never_abbreviated_and_tokens_are_refused_by_any_spelling(tmp_path):
+    defaults = {"output_dir": str(tmp_path / "out"), "use_cpu": True}
+    with pytest.raises(RecipeError, match="spelt in full"):
+        parse_recipe_args(recipe_parser(), defaults, ["--learning_r", "1e-3"])
+    with pytest.raises(RecipeError, match="spelt in full"):
+        parse_recipe_args(recipe_parser(), defaults, ["--conf", "x.yaml"])
+    for argv in (["--hub_tok", "hf_x"], ["--hub_token", "hf_x"], ["--hub_token=hf_x"], ["--hub-token", "x"],
+                 ["--HUB_TOKEN", "x"], ["--run_name", "hf_abcdefghijklmnopqrstuvwxyz012345"]):
+        with pytest.raises(RecipeError, match="HF_TOKEN"):
+            parse_recipe_args(recipe_parser(), defaults, argv)
+    config = tmp_path / "token.yaml"
+    config.write_text("hub_token: hf_abc\n")
+    with pytest.raises(RecipeError, match="HF_TOKEN"):
+        parse_recipe_args(recipe_parser(), defaults, ["--config", str(config)])
+    # Flags that merely contain "token" are not tokens.
+    _, _, args = parse_recipe_args(recipe_parser(), defaults, ["--average_tokens_across_devices", "false"])
+    assert args.average_tokens_across_devices is False
+
+
+# --------------------------------------------------------------------------------------------
+# Each preset loads through the recipe's own code path, from a local folder laid out like its Hub repository
+# (README.md with the card's `configs`/`dataset_info`, `data/<split>-00000-of-00001.parquet`). Only the step that
+# turns the Hub id into a path (`hf_gam.vision.hub_dataset_path`) is replaced.
+# --------------------------------------------------------------------------------------------
+CORRUPTED_CARS = ("contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "spatter")
+PRESET_REPOS = {
+    # name: (splits in the repository, extra columns {name: feature}); labels use the preset's class count.
+    "cars": (("train", "test") + CORRUPTED_CARS, {}),
+    "pets": (("train", "test"), {"image_id": datasets.Value("string"),
+                                 "label_cat_dog": datasets.ClassLabel(names=["cat", "dog"])}),
+    "flowers": (("train", "validation", "test"), {}),
+    "cub": (("train", "test"), {"bbox": datasets.Sequence(datasets.Value("float32"), length=4)}),
+    "aircraft": (("train", "validation", "test"), {"family": datasets.ClassLabel(num_classes=70),
+                                                   "manufacturer": datasets.ClassLabel(num_classes=30)}),
+    "food": (("train", "validation"), {}),
+}
+
+
+def write_hub_like_repo(root, preset, splits, extra, broken=()):
+    """A dataset repository as `push_to_hub` lays it out; the splits in `broken` hold unreadable bytes."""
+    import io
+
+    import yaml
+
+    features = datasets.Features({
+        preset.image_column_name: datasets.Image(),
+        preset.label_column_name: datasets.ClassLabel(names=[f"class {i}" for i in range(preset.num_labels)]),
+        **extra,
+    })
+    (root / "data").mkdir(parents=True)
+    split_infos = []
+    for number, split in enumerate(splits):
+        n = 12
+        rows = {preset.image_column_name: [], preset.label_column_name: []}
+        for i in range(n):
+            buffer = io.BytesIO()
+            Image.new("RGB", (5, 5), color=(number * 30, i * 20, 7)).save(buffer, format="PNG")
+            rows[preset.image_column_name].append({"bytes": buffer.getvalue(), "path": None})
+            rows[preset.label_column_name].append(i % 3)
+        for name, feature in extra.items():
+            if isinstance(feature, datasets.ClassLabel):
+                rows[name] = [i % 2 for i in range(n)]
+            elif isinstance(feature, datasets.Sequence):
+                rows[name] = [[0.0, 1.0, 2.0, 3.0]] * n
+            else:
+                rows[name] = [f"{split}-{i}" for i in range(n)]
+        path = root / "data" / f"{split}-00000-of-00001.parquet"
+        if split in broken:
+            path.write_bytes(b"not a parquet file: reading this split is a bug")
+        else:
+            datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+        split_infos.append({"name": split, "num_examples": n})
+    card = {
+        "dataset_info": {"features": features._to_yaml_list(), "splits": split_infos},
+        "configs": [{"config_name": "default",
+                     "data_files": [{"split": split, "path": f"data/{split}-*"} for split in splits]}],
+    }
+    (root / "README.md").write_text("---\n" + yaml.safe_dump(card, sort_keys=False) + "---\n")
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_REPOS))
+def test_preset_loads_from_a_repository_with_its_real_schema(name, tmp_path, monkeypatch):
+    from hf_gam import vision
+
+    preset = PRESETS[name]
+    splits, extra = PRESET_REPOS[name]
+    broken = CORRUPTED_CARS if name == "cars" else ()
+    repo = tmp_path / "repo"
+    write_hub_like_repo(repo, preset, splits, extra, broken=broken)
+    seen = []
+    monkeypatch.setattr(vision, "hub_dataset_path", lambda dataset_name: seen.append(dataset_name) or str(repo))
+    data = resolve_data(DataTrainingArguments(), preset)
+    loaded = vision.load_image_datasets(data, cache_dir=str(tmp_path / "cache"))
+    assert seen and set(seen) == {preset.dataset_name}
+    expected_roles = {"train", "test"} | ({"validation"} if preset.validation_split else set())
+    assert set(loaded) == expected_roles
+    train, validation, test = select_splits(loaded, data, 0.25, seed=0)
+    for dataset in (train, validation, test):
+        assert dataset.column_names == [preset.image_column_name, preset.label_column_name]
+        assert dataset.features[preset.label_column_name].num_classes == preset.num_labels
+        assert isinstance(dataset[0][preset.image_column_name], Image.Image)
+    if preset.validation_split is None:
+        assert (len(train), len(validation)) == (9, 3)  # carved: 25% of 12, one per class
+    else:
+        assert (len(train), len(validation)) == (12, 12)
