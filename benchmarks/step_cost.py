@@ -1,7 +1,9 @@
 """What one optimizer step costs with GAM and SAM, relative to the stock Trainer.
 
 Every arm trains the same model (same initial weights) on the same batches through `GAMTrainer`, with
-`gam_method="none"` (the stock Trainer step), "sam", "gam", and "gam" with `gam_interval=2`.
+`gam_method="none"` (the stock Trainer step), "sam", "gam", "gam" with `gam_interval=2`, and "gam" with
+`gam_reuse_interval` k (full GAM every k-th step, one pass plus the stored correction between). "stock step x4"
+runs the stock step 4 times on each micro-batch: the floor of GAM's 4 passes with nothing else added.
 
 * Time: a callback reads the clock at `on_step_begin` and `on_step_end`, so a step is the forward and backward
   passes, clipping and the optimizer step (not data loading, logging or evaluation). Arms are interleaved:
@@ -64,14 +66,20 @@ import torch  # noqa: E402
 
 ARMS = {
     "stock Trainer": dict(gam_method="none"),
+    # GAM's floor: a Trainer whose step is the stock step run 4 times on the same micro-batch (see `FloorTrainer`).
+    "stock step x4 (GAM's floor)": dict(gam_method="none", floor_passes=4),
     "SAM": dict(gam_method="sam"),
     "GAM": dict(gam_method="gam"),
     "GAM, interval 2": dict(gam_method="gam", gam_interval=2),
+    "GAM, reuse 2": dict(gam_method="gam", gam_reuse_interval=2),
+    "GAM, reuse 4": dict(gam_method="gam", gam_reuse_interval=4),
+    "GAM, reuse 8": dict(gam_method="gam", gam_reuse_interval=8),
 }
 SETTINGS = {
     # image side, patch, hidden, layers, batch, rounds, steps per run, dropped steps per run
-    "full": dict(image=32, patch=4, hidden=128, layers=4, batch=32, rounds=7, steps=8, drop=2),
-    "quick": dict(image=16, patch=4, hidden=32, layers=1, batch=16, rounds=2, steps=5, drop=1),
+    # steps - drop = 8: every measured window holds whole cycles of the reuse intervals 2, 4 and 8.
+    "full": dict(image=32, patch=4, hidden=128, layers=4, batch=32, rounds=7, steps=10, drop=2),
+    "quick": dict(image=16, patch=4, hidden=32, layers=1, batch=16, rounds=2, steps=9, drop=1),
 }
 
 
@@ -119,12 +127,26 @@ class StepClock:
 def make_trainer(model, data, s: dict, arm: dict, steps: int, out_dir: str, callbacks=()):
     from hf_gam import GAMConfig, GAMTrainer
 
+    arm = dict(arm)
+    passes = arm.pop("floor_passes", None)
+    trainer_class = GAMTrainer
+    if passes is not None:
+        class FloorTrainer(GAMTrainer):
+            """The stock training step run `passes` times on each micro-batch: what GAM's passes cost with nothing
+            else added (the gradients simply accumulate)."""
+
+            def training_step(self, model, inputs, num_items_in_batch=None):
+                for _ in range(passes - 1):
+                    super().training_step(model, inputs, num_items_in_batch)
+                return super().training_step(model, inputs, num_items_in_batch)
+
+        trainer_class = FloorTrainer
     args = GAMConfig(
         output_dir=out_dir, per_device_train_batch_size=s["batch"], max_steps=steps, learning_rate=1e-3,
         logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True, seed=0, **arm,
     )
-    return GAMTrainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
+    return trainer_class(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
 
 
 def _param_bytes(model) -> int:
@@ -143,7 +165,7 @@ def time_arms(s: dict, arms: dict, out_dir: str) -> dict:
             clock = StepClock()
             trainer = make_trainer(copy.deepcopy(base), data, s, arms[name], s["steps"], out_dir, [clock.callback])
             trainer.train()
-            # Mean within a run: with `gam_interval` > 1 the steps alternate between two costs.
+            # Mean within a run: with `gam_interval` or `gam_reuse_interval` > 1 the steps cycle through two costs.
             per_round[name].append(statistics.mean(clock.times[s["drop"] :]))
     stock = per_round["stock Trainer"]
     ratios = {}
@@ -187,6 +209,7 @@ def memory_arms(s: dict, arms: dict, out_dir: str) -> dict:
     data = make_data(s, 3)
     peaks = {}
     for name, arm in arms.items():
+        # 3 steps: a reuse arm allocates its correction buffer on its first (full) step.
         trainer = make_trainer(copy.deepcopy(base), data, s, arm, 3, out_dir)
         peaks[name] = _run_peak_bytes(trainer)
     unit = _param_bytes(base)
@@ -204,6 +227,7 @@ DIST_ARMS = {
     "GAM, local sync": dict(gam_method="gam", gam_sync="local"),
     "GAM, global sync": dict(gam_method="gam", gam_sync="global"),
     "GAM, local sync, grad. accum. 2": dict(gam_method="gam", gam_sync="local", gradient_accumulation_steps=2),
+    "GAM, local sync, reuse 4": dict(gam_method="gam", gam_sync="local", gam_reuse_interval=4),
 }
 
 
