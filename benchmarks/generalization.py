@@ -1,80 +1,388 @@
-"""Does GAM generalize better than AdamW and SAM? A small ViT trained from scratch on scikit-learn's digits.
+"""Do GAM's settings generalize? AdamW, SAM and GAM arms in three regimes on scikit-learn's digits.
 
-Data: the 1,797 bundled 8x8 digits (no download), split once (`hf_gam.flatness.digits_examples`): 30% test,
-and of the rest 80% train / 20% validation. With label noise p, each train and validation label is replaced,
-with probability p, by a different label drawn uniformly (seeded by the run's seed, the same for every arm of
-that seed); the test labels stay clean.
+Every arm is data: a name and a dict of `GAMConfig` keyword arguments, plus `epochs_x`, a multiplier of the
+regime's epochs. `{}` is `GAMConfig()`'s defaults as they are when the script runs. Built-in arms:
+  adamw, adamw_2x, adamw_4x   `gam_method="none"` (the stock Trainer step) for 1x, 2x and 4x the epochs:
+                              AdamW given the forward/backward passes of SAM (2x) and of GAM (4x)
+  gam_default                 `{}`: GAM at the package defaults
+  gam_<rho'>_<rho>            the GAM sweep, `gam_grad_rho` x `gam_grad_norm_rho` on two grids
+  sam_<rho'>                  the SAM sweep, as many points as the GAM sweep, up to 0.1
+More arms from the command line, without code changes (values are read as int, float, bool or str):
+    --arm 'late=gam_grad_rho=0.05,gam_rho_schedule=lr' --arm 'gam_k2=gam_interval=2'
+`--arms adamw,gam_default,late` runs a subset (`gam_sweep` and `sam_sweep` name the sweeps; adamw always runs).
+A key `GAMConfig` does not know fails before anything trains.
 
-Arms, all through `GAMTrainer` with the same AdamW optimizer, schedule, batches and seeds:
-  AdamW             `gam_method="none"` (the stock Trainer step)
-  SAM               `gam_method="sam"`, radius rho' = r
-  GAM               `gam_method="gam"`, rho' = r, rho = 10 r (the released ratio 0.2 / 0.02), alpha, beta, gamma
-                    at the released CIFAR-100 defaults (0.6, 0.5, 0.03, `GAMConfig`'s defaults)
-  GAM, interval k   GAM at its chosen r, full GAM passes every k-th optimizer step and a plain gradient between.
+Regimes (each a function returning data, a model and a training budget; all use AdamW, cosine schedule):
+  fit        ViT from scratch on 400 training digits, a budget where AdamW fits them (train accuracy ~1.0)
+  underfit   the same with a third of the epochs: AdamW stops short (train accuracy ~0.9)
+  finetune   a ViT pretrained (AdamW, once per seed) on digits 0-4 and saved with `save_pretrained` and an
+             image processor, fine-tuned on digits 5-9, written as imagefolder PNGs, through the product's
+             own recipe, `recipes/vit_finegrained.py`'s `main(argv)` (its augmentation, warm-up, clipping)
 
-Radius selection: SAM and GAM both get the same sweep of r, run with every seed; for each noise level and method
-the r with the best mean *validation* accuracy is chosen, and only then are the test accuracies of the chosen
-runs read. The test split plays no part in the choice.
+Data: the 1,797 bundled 8x8 digits, split once by `hf_gam.flatness.digits_examples` (30% test; the rest 80% train,
+20% validation). The validation split chooses the sweep points; the test split is read only for the table.
 
-Reported per arm and noise level: final test accuracy (last epoch, not best), the top Hessian eigenvalue and
-Hessian trace of the training loss on a fixed batch of training examples (with the labels trained on), and
-training time as a ratio to the AdamW run of the same seed (runs of one seed are interleaved in a shuffled order).
-Mean, standard deviation and range over seeds.
+Reported per regime and arm, over seeds (arms of one seed share the initial weights and run in a shuffled order):
+final-epoch test, train and validation accuracy; the top Hessian eigenvalue of the training loss on a fixed
+batch of training examples (`hf_gam.flatness`, power iteration); forward/backward passes relative to AdamW
+(examples forwarded in training mode, counted by a forward hook; every training forward has one backward);
+training time relative to the same seed's AdamW run; paired differences to AdamW (same seed) of test accuracy
+and of log eigenvalue, with 95% t-intervals. Sweeps: the point with the best mean validation accuracy is chosen.
 
-    python benchmarks/generalization.py               # full setting (about 30 minutes on 2 shared cores)
-    python benchmarks/generalization.py --quick       # a minute
+    python benchmarks/generalization.py --json gen.json     # full: 5 seeds, 3 regimes, 22 arms (~32 minutes*)
+    python benchmarks/generalization.py --quick             # 1 seed, tiny budgets, 5 arms (under a minute)
+    python benchmarks/generalization.py --tables gen.json   # re-make the tables from a saved run
+
+*Estimate on 2 shared CPU cores (load average ~4.5), one thread: seed 0 of every regime with the arms adamw,
+adamw_4x, gam_default and sam_0.05 (11 AdamW-runs of passes per regime) took 69 s, of which 53 s in training
+(2.3, 1.2 and 1.3 s per AdamW-run of passes for fit, underfit and finetune) and about 1 s per run besides.
+The full setting is 65 AdamW-runs of passes and 22 runs per regime and seed: 5 x (65 x 4.8 + 66 x 1) s ~ 32 min.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
+import math
 import os
 import random
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 SETTINGS = {
     "full": dict(
-        seeds=[0, 1, 2], noises=[0.0, 0.2], radii=[0.001, 0.003, 0.01, 0.03], interval=2, epochs=15, batch=32,
-        hidden=32, layers=2, n_train=None, flat_examples=256, eig_iters=15, trace_samples=8,
+        seeds=[0, 1, 2, 3, 4], regimes=["fit", "underfit", "finetune"],
+        fit_epochs=15, underfit_epochs=7, pretrain_epochs=20, finetune_epochs=6, n_train=400,
+        gam_grad_rho=[0.002, 0.005, 0.02], gam_grad_norm_rho=[0.02, 0.05, 0.2],
+        sam_rho=[0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.085, 0.1],
+        flat_examples=256, eig_iters=10,
     ),
     "quick": dict(
-        seeds=[0], noises=[0.0, 0.2], radii=[0.03], interval=2, epochs=1, batch=32,
-        hidden=16, layers=1, n_train=128, flat_examples=64, eig_iters=3, trace_samples=2,
+        seeds=[0], regimes=["fit", "underfit", "finetune"],
+        fit_epochs=2, underfit_epochs=1, pretrain_epochs=2, finetune_epochs=1, n_train=128,
+        gam_grad_rho=[0.005], gam_grad_norm_rho=[0.05], sam_rho=[0.05],
+        flat_examples=64, eig_iters=3,
     ),
 }
-# AdamW with a cosine schedule and 10% warm-up. lr 3e-3 was picked over 1e-3 by one short by-hand check
-# (seed 0, no noise; 1e-3 for 2 epochs, 3e-3 for 6): 1e-3 fitted too slowly for the time budget. Same for all arms.
-LEARNING_RATE = 3e-3
+# One optimizer for every arm: AdamW, cosine schedule. From scratch: lr 2e-3, batch 32, 10% warm-up, weight decay
+# 0.05 (budgets picked by hand on seeds 0 and 1: 15 epochs fit 400 digits, 7 do not). Fine-tuning: the recipe's
+# defaults (5% warm-up, clipping at 1) with lr 1e-3 and batch 32.
+LEARNING_RATE = 2e-3
+FINETUNE_LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.05
+BATCH = 32
 
 
-def noisy(examples: list[dict], p: float, seed: int) -> list[dict]:
-    """A copy of `examples` where each label is, with probability p, replaced by a different random label."""
-    rng = random.Random(seed)
-    out = []
-    for e in examples:
-        label = e["labels"]
-        if rng.random() < p:
-            label = rng.choice([k for k in range(10) if k != label])
-        out.append({"pixel_values": e["pixel_values"], "labels": label})
-    return out
+# --------------------------------------------------------------------------------------------------
+# Arms
 
 
-def make_model(s: dict, seed: int):
+def parse_value(text: str):
+    """'3' -> 3, '0.5' -> 0.5, 'true'/'false' -> bool, anything else stays a string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_arm(spec: str) -> tuple[str, dict]:
+    """'name=key=value,key=value' -> (name, {key: value}); 'name=' is `GAMConfig()`'s defaults."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name:
+        raise ValueError(f"An arm is 'name=key=value,...'; got {spec!r}.")
+    config = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"Arm {name!r}: {item!r} is not key=value.")
+        config[key.strip()] = parse_value(value.strip())
+    return name, config
+
+
+def builtin_arms(s: dict) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    """The built-in arms and the names of the two sweeps (`{"gam": [...], "sam": [...]}`)."""
+    arms = {
+        "adamw": {"gam_method": "none"},
+        "adamw_2x": {"gam_method": "none", "epochs_x": 2},
+        "adamw_4x": {"gam_method": "none", "epochs_x": 4},
+        "gam_default": {},
+    }
+    sweeps = {"gam": [], "sam": []}
+    for grad_rho in s["gam_grad_rho"]:
+        for norm_rho in s["gam_grad_norm_rho"]:
+            name = f"gam_{grad_rho:g}_{norm_rho:g}"
+            arms[name] = {"gam_method": "gam", "gam_grad_rho": grad_rho, "gam_grad_norm_rho": norm_rho}
+            sweeps["gam"].append(name)
+    for rho in s["sam_rho"]:
+        arms[f"sam_{rho:g}"] = {"gam_method": "sam", "gam_grad_rho": rho}
+        sweeps["sam"].append(f"sam_{rho:g}")
+    return arms, sweeps
+
+
+def select_arms(arms: dict[str, dict], sweeps: dict[str, list[str]], names: list[str] | None) -> dict[str, dict]:
+    """The arms called `names` (`gam_sweep`/`sam_sweep` expand to a sweep), always with `adamw` first."""
+    if names is None:
+        return dict(arms)
+    wanted = ["adamw"]
+    for name in names:
+        group = sweeps.get(name.removesuffix("_sweep")) if name.endswith("_sweep") else None
+        for n in group if group is not None else [name]:
+            if n not in arms:
+                raise ValueError(f"Unknown arm {n!r}; known: {', '.join(arms)}, gam_sweep, sam_sweep.")
+            if n not in wanted:
+                wanted.append(n)
+    return {n: arms[n] for n in wanted}
+
+
+def check_arms(arms: dict[str, dict]) -> None:
+    """Build a `GAMConfig` from every arm, so an unknown key or a bad value fails before any training."""
+    from hf_gam import GAMConfig
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        for name, arm in arms.items():
+            config = dict(arm)
+            epochs_x = config.pop("epochs_x", 1)
+            if not (isinstance(epochs_x, (int, float)) and epochs_x > 0):
+                raise ValueError(f"Arm {name!r}: epochs_x must be a positive number; got {epochs_x!r}.")
+            try:
+                GAMConfig(output_dir=out_dir, use_cpu=True, report_to=[], **config)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"Arm {name!r}: {error}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Counting forward passes
+
+
+@contextlib.contextmanager
+def count_training_examples():
+    """Yield a one-item list that counts the examples forwarded through a classifier in training mode.
+
+    A global forward hook: every module whose output has `logits` and that is in training mode adds its batch
+    size. Evaluation and the flatness measurement run in evaluation mode and are not counted.
+    """
+    counter = [0]
+
+    def hook(module, args, kwargs, output):
+        logits = getattr(output, "logits", None)
+        if module.training and isinstance(logits, torch.Tensor):
+            counter[0] += logits.shape[0]
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook, with_kwargs=True)
+    try:
+        yield counter
+    finally:
+        handle.remove()
+
+
+# --------------------------------------------------------------------------------------------------
+# Regimes
+
+
+@dataclass
+class Regime:
+    """Data, model and budget of one regime and seed.
+
+    `train`/`validation`/`test` are lists of `{"pixel_values", "labels"}` as the model sees them (the accuracies
+    and the flatness batch are computed on these). From scratch, `make_model()` builds the initial model; when
+    fine-tuning, `model_dir` is the pretrained checkpoint and `folders` the imagefolder splits for the recipe.
+    """
+
+    name: str
+    train: list
+    validation: list
+    test: list
+    epochs: int
+    learning_rate: float
+    make_model: Callable | None = None
+    model_dir: str | None = None
+    folders: dict | None = None
+
+
+def make_vit(seed: int, num_channels: int = 1):
+    """ViT for 8x8 digits: patch 4, 2 layers, hidden 64, no dropout (weights seeded by `seed`)."""
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
-        image_size=8, patch_size=2, num_channels=1, hidden_size=s["hidden"], num_hidden_layers=s["layers"],
-        num_attention_heads=4, intermediate_size=2 * s["hidden"], num_labels=10,
-        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0,
+        image_size=8, patch_size=4, num_channels=num_channels, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=128, num_labels=10,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     torch.manual_seed(seed)
     return ViTForImageClassification(config)
+
+
+def _scratch(name: str, s: dict, seed: int, epochs: int) -> Regime:
+    from hf_gam.flatness import digits_examples
+
+    return Regime(
+        name, train=digits_examples("train")[: s["n_train"]], validation=digits_examples("validation"),
+        test=digits_examples("test"), epochs=epochs, learning_rate=LEARNING_RATE, make_model=lambda: make_vit(seed),
+    )
+
+
+def fit_regime(s: dict, seed: int, work_dir: str) -> Regime:
+    """From scratch with a budget where AdamW fits its training set."""
+    return _scratch("fit", s, seed, s["fit_epochs"])
+
+
+def underfit_regime(s: dict, seed: int, work_dir: str) -> Regime:
+    """From scratch with a short budget where AdamW does not quite fit."""
+    return _scratch("underfit", s, seed, s["underfit_epochs"])
+
+
+def digit_images(labels: range) -> dict[str, list]:
+    """Per split, `(PIL grayscale image, label name)` for the bundled digits with a label in `labels`."""
+    from PIL import Image
+
+    from hf_gam.flatness import digits_examples
+
+    images = {}
+    for split in ("train", "validation", "test"):
+        images[split] = []
+        for e in digits_examples(split):
+            if e["labels"] in labels:
+                levels = ((e["pixel_values"][0] + 1.0) * 8.0).round()  # back to the bundled 0..16 levels
+                pixels = (levels * 255.0 / 16.0).round().to(torch.uint8).numpy()
+                images[split].append((Image.fromarray(pixels, mode="L"), str(e["labels"])))
+    return images
+
+
+def write_image_folders(root: str, images: dict[str, list]) -> dict[str, str]:
+    """Write `images` as imagefolder PNGs, `root/<split>/<label>/<i>.png` (once); returns the split folders."""
+    for split, pairs in images.items():
+        for i, (image, name) in enumerate(pairs):
+            path = os.path.join(root, split, name, f"{i}.png")
+            if not os.path.exists(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                image.save(path)
+    return {split: os.path.join(root, split) for split in images}
+
+
+def _as_examples(pairs: list, transform, label2id: dict) -> list[dict]:
+    return [{"pixel_values": transform(image.convert("RGB")), "labels": int(label2id[name])} for image, name in pairs]
+
+
+class Augmented(torch.utils.data.Dataset):
+    """`(PIL image, label name)` pairs as examples, `transform` applied afresh at every access."""
+
+    def __init__(self, pairs: list, transform, label2id: dict):
+        self.pairs, self.transform, self.label2id = pairs, transform, label2id
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        return _as_examples(self.pairs[i : i + 1], self.transform, self.label2id)[0]
+
+
+def finetune_regime(s: dict, seed: int, work_dir: str) -> Regime:
+    """Pretrain on digits 0-4 (cached per seed in `work_dir`), fine-tune on 5-9 through the recipe."""
+    from transformers import ViTImageProcessor
+
+    from hf_gam.vision import build_transforms
+
+    processor = ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    train_transform, eval_transform = build_transforms(processor)  # the recipe's transforms
+    model_dir = os.path.join(work_dir, f"pretrained-seed{seed}")
+    if not os.path.isdir(model_dir):
+        # Pretrained with the recipe's augmentation (random-resized crops, flips), as the fine-tuning will be.
+        pretrain = Augmented(digit_images(range(0, 5))["train"], train_transform, {str(k): k for k in range(10)})
+        model, _, _ = train_scratch(lambda: make_vit(seed, num_channels=3), pretrain, {"gam_method": "none"},
+                                    s["pretrain_epochs"], LEARNING_RATE, seed, os.path.join(work_dir, "pretrain"))
+        model.save_pretrained(model_dir)  # a 10-way head: the recipe replaces it with a 5-way one
+        processor.save_pretrained(model_dir)
+    images = digit_images(range(5, 10))
+    folders = write_image_folders(os.path.join(work_dir, "digits5-9"), images)
+    label2id = {name: i for i, name in enumerate(sorted({name for _, name in images["train"]}))}  # imagefolder's
+    return Regime(
+        "finetune", *(_as_examples(images[split], eval_transform, label2id) for split in ("train", "validation", "test")),
+        epochs=s["finetune_epochs"], learning_rate=FINETUNE_LEARNING_RATE, model_dir=model_dir, folders=folders,
+    )
+
+
+REGIMES = {"fit": fit_regime, "underfit": underfit_regime, "finetune": finetune_regime}
+
+
+# --------------------------------------------------------------------------------------------------
+# Training one arm
+
+
+def _epochs(arm: dict, epochs: int):
+    x = arm.get("epochs_x", 1)
+    return epochs * x
+
+
+def train_scratch(make_model, train: list, arm: dict, epochs, lr: float, seed: int, out_dir: str):
+    """Train through `GAMTrainer`; returns (model, seconds in `train()`, examples forwarded in training mode)."""
+    from hf_gam import GAMConfig, GAMTrainer
+
+    config = {k: v for k, v in arm.items() if k != "epochs_x"}
+    args = GAMConfig(
+        output_dir=out_dir, num_train_epochs=_epochs(arm, epochs), per_device_train_batch_size=BATCH,
+        learning_rate=lr, weight_decay=WEIGHT_DECAY, lr_scheduler_type="cosine", warmup_steps=0.1,
+        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, seed=seed,
+        disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, **config,
+    )
+    trainer = GAMTrainer(model=make_model(), args=args, train_dataset=train)
+    with count_training_examples() as counter, contextlib.redirect_stdout(io.StringIO()):
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    return trainer.model, seconds, counter[0]
+
+
+def recipe_argv(regime: Regime, arm: dict, seed: int, out_dir: str) -> list[str]:
+    """Command line of `recipes/vit_finegrained.py` for one fine-tuning run (only flags the recipe has)."""
+    argv = [
+        "--model_name_or_path", regime.model_dir, "--train_dir", regime.folders["train"],
+        "--validation_dir", regime.folders["validation"], "--output_dir", out_dir,
+        "--cache_dir", os.path.join(os.path.dirname(regime.model_dir), "cache"),
+        "--num_train_epochs", str(_epochs(arm, regime.epochs)), "--learning_rate", str(regime.learning_rate),
+        "--weight_decay", str(WEIGHT_DECAY), "--per_device_train_batch_size", str(BATCH),
+        "--per_device_eval_batch_size", "256", "--seed", str(seed), "--use_cpu", "--dataloader_num_workers", "0",
+        "--eval_strategy", "no", "--save_strategy", "no", "--logging_strategy", "no", "--disable_tqdm", "true",
+        "--report_to", "none", "--log_level", "error",
+    ]
+    for key, value in arm.items():
+        if key != "epochs_x":
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def _load_recipe():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes", "vit_finegrained.py")
+    spec = importlib.util.spec_from_file_location("recipe_vit_finegrained", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_recipe(regime: Regime, arm: dict, seed: int, out_dir: str):
+    """Fine-tune with the recipe's `main(argv)` in a fresh `out_dir`; returns (model, seconds, examples)."""
+    from transformers import AutoModelForImageClassification
+
+    recipe = _load_recipe()
+    with count_training_examples() as counter, contextlib.redirect_stdout(io.StringIO()):
+        recipe.main(recipe_argv(regime, arm, seed, out_dir))
+    with open(os.path.join(out_dir, "train_results.json")) as f:
+        seconds = json.load(f)["train_runtime"]
+    return AutoModelForImageClassification.from_pretrained(out_dir), seconds, counter[0]
 
 
 @torch.no_grad()
@@ -86,202 +394,185 @@ def accuracy(model, examples: list[dict]) -> float:
     return (logits.argmax(-1) == y).float().mean().item()
 
 
-def train_one(s: dict, arm: dict, seed: int, train: list[dict], out_dir: str):
-    """Train one arm; returns (model, seconds)."""
-    from hf_gam import GAMConfig, GAMTrainer
-
-    args = GAMConfig(
-        output_dir=out_dir, num_train_epochs=s["epochs"], per_device_train_batch_size=s["batch"],
-        learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, lr_scheduler_type="cosine", warmup_steps=0.1,
-        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True, seed=seed,
-        disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, **arm,
-    )
-    trainer = GAMTrainer(model=make_model(s, seed), args=args, train_dataset=train)
-    start = time.perf_counter()
-    trainer.train()
-    return trainer.model, time.perf_counter() - start
-
-
-def arm_config(method: str, r: float | None, interval: int = 1) -> dict:
-    if method == "adamw":
-        return dict(gam_method="none")
-    if method == "sam":
-        return dict(gam_method="sam", gam_grad_rho=r)
-    return dict(gam_method="gam", gam_grad_rho=r, gam_grad_norm_rho=10 * r, gam_interval=interval)
-
-
-def flatness(model, s: dict, train: list[dict]) -> dict:
+def run_arm(s: dict, regime: Regime, arm: dict, seed: int, out_dir: str) -> dict:
+    """Train one arm in one regime; returns its raw numbers."""
     from hf_gam.flatness import _stack, measure_flatness
 
-    batch = _stack(train[: s["flat_examples"]])
-    return measure_flatness(
-        model, batch, eig_iters=s["eig_iters"], trace_samples=s["trace_samples"], metrics=("eigenvalue", "trace")
-    )
+    if regime.model_dir is None:
+        model, seconds, examples = train_scratch(regime.make_model, regime.train, arm, regime.epochs,
+                                                 regime.learning_rate, seed, out_dir)
+    else:
+        model, seconds, examples = train_recipe(regime, arm, seed, out_dir)
+    flat = measure_flatness(model, _stack(regime.train[: s["flat_examples"]]), eig_iters=s["eig_iters"],
+                            metrics=("eigenvalue",))
+    return dict(train=accuracy(model, regime.train), val=accuracy(model, regime.validation),
+                test=accuracy(model, regime.test), eig=flat["top_eigenvalue"], examples=examples, seconds=seconds)
 
 
-def run(setting: str = "full", figures: str | None = None, log=print) -> dict:
-    from hf_gam.flatness import digits_examples
+def run(s: dict, arms: dict[str, dict], log=print) -> dict:
+    """Every regime x seed x arm (arms of one seed in a shuffled order); returns the raw per-run rows."""
+    import datasets
+    import transformers
 
-    s = SETTINGS[setting]
-    if figures:
-        os.makedirs(figures, exist_ok=True)
-    train_clean = digits_examples("train")[: s["n_train"]]
-    val_clean = digits_examples("validation")
-    test = digits_examples("test")
-    runs = []  # one dict per trained model
-    models = {}  # (noise, seed, name) -> model, for the pictures
-    with tempfile.TemporaryDirectory() as out_dir:
-        for noise in s["noises"]:
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    check_arms(arms)
+    runs = []
+    start = time.perf_counter()
+    total = len(s["regimes"]) * len(s["seeds"]) * len(arms)
+    with tempfile.TemporaryDirectory() as work_dir:
+        for regime_name in s["regimes"]:
             for seed in s["seeds"]:
-                train = noisy(train_clean, noise, seed)
-                val = noisy(val_clean, noise, seed + 1000)
-                jobs = [("adamw", None)] + [(m, r) for m in ("sam", "gam") for r in s["radii"]]
-                random.Random(seed).shuffle(jobs)
-                for method, r in jobs:
-                    model, secs = train_one(s, arm_config(method, r), seed, train, out_dir)
-                    row = dict(noise=noise, seed=seed, method=method, r=r, seconds=secs,
-                               val=accuracy(model, val), test=accuracy(model, test), **flatness(model, s, train))
+                regime = REGIMES[regime_name](s, seed, work_dir)
+                order = list(arms)
+                random.Random(seed).shuffle(order)
+                for name in order:
+                    out_dir = tempfile.mkdtemp(dir=work_dir)  # fresh: the recipe resumes from checkpoints it finds
+                    row = dict(regime=regime_name, seed=seed, arm=name, config=arms[name],
+                               **run_arm(s, regime, arms[name], seed, out_dir))
                     runs.append(row)
-                    models[(noise, seed, method, r)] = model
-                    log(f"noise={noise} seed={seed} {method} r={r}: val {row['val']:.4f} test {row['test']:.4f} "
-                        f"eig {row['top_eigenvalue']:.3g} trace {row['trace']:.3g} {secs:.1f}s")
-            # Choose r for SAM and for GAM on validation accuracy (mean over seeds), then run GAM's interval arm.
-            chosen = {}
-            for method in ("sam", "gam"):
-                def mean_val(r, method=method):
-                    return statistics.mean(x["val"] for x in runs if x["noise"] == noise and x["method"] == method and x["r"] == r)
-                chosen[method] = max(s["radii"], key=mean_val)
-            for seed in s["seeds"]:
-                train = noisy(train_clean, noise, seed)
-                val = noisy(val_clean, noise, seed + 1000)
-                r = chosen["gam"]
-                model, secs = train_one(s, arm_config("gam", r, s["interval"]), seed, train, out_dir)
-                row = dict(noise=noise, seed=seed, method=f"gam_k{s['interval']}", r=r, seconds=secs,
-                           val=accuracy(model, val), test=accuracy(model, test), **flatness(model, s, train))
-                runs.append(row)
-                log(f"noise={noise} seed={seed} gam interval {s['interval']} r={r}: test {row['test']:.4f} {secs:.1f}s")
-            for row in runs:
-                if row["noise"] == noise and row["method"] in chosen and row["r"] == chosen[row["method"]]:
-                    row["chosen"] = True
-            if figures:
-                _landscape(models, noise, s, chosen, train_clean, figures)
-    result = {"setting": setting, "runs": runs}
-    if figures:
-        _plot(result, os.path.join(figures, "generalization.png"))
-    return result
+                    log(f"[{time.perf_counter() - start:6.0f} s] {len(runs)}/{total} {regime_name} seed {seed} {name}: "
+                        f"train {row['train']:.3f} val {row['val']:.3f} test {row['test']:.3f} eig {row['eig']:.3g} "
+                        f"examples {row['examples']} {row['seconds']:.1f} s")
+    return {"settings": s, "arms": arms, "runs": runs}
 
 
-def _arms(result: dict, noise: float) -> dict:
-    """Rows of the compared arms at one noise level: AdamW, SAM and GAM at their chosen radius, GAM interval."""
-    rows = [x for x in result["runs"] if x["noise"] == noise]
-    arms = {"AdamW": [x for x in rows if x["method"] == "adamw"]}
-    arms["SAM"] = [x for x in rows if x["method"] == "sam" and x.get("chosen")]
-    arms["GAM"] = [x for x in rows if x["method"] == "gam" and x.get("chosen")]
-    k = [x for x in rows if x["method"].startswith("gam_k")]
-    if k:
-        arms[f"GAM, interval {k[0]['method'][5:]}"] = k
-    return arms
+# --------------------------------------------------------------------------------------------------
+# Statistics and tables
 
 
-def _stats(values: list[float]) -> str:
+def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): mean +- t_{(1+confidence)/2, n-1} * sd / sqrt(n); low = high = nan for n < 2."""
+    from scipy.stats import t
+
     mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = t.ppf((1 + confidence) / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def paired(rows: list[dict], reference: list[dict], value: Callable[[dict, dict], float]) -> list[float]:
+    """`value(row, reference row of the same seed)` for every seed both have."""
+    ref = {r["seed"]: r for r in reference}
+    return [value(r, ref[r["seed"]]) for r in rows if r["seed"] in ref]
+
+
+def choose(runs: list[dict], regime: str, candidates: list[str]) -> str | None:
+    """The candidate arm with the best mean validation accuracy over seeds in `regime` (ties: the first)."""
+    present = [c for c in candidates if any(r["regime"] == regime and r["arm"] == c for r in runs)]
+    if not present:
+        return None
+    return max(present, key=lambda c: statistics.mean(r["val"] for r in runs if r["regime"] == regime and r["arm"] == c))
+
+
+def _log_ratio(a: float, b: float) -> float:
+    return math.log(a / b) if a > 0 and b > 0 else math.nan
+
+
+def _mean_sd(values: list[float], digits: int = 3) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.4g} ± {sd:.2g} [{min(values):.4g}, {max(values):.4g}]"
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def _ci(mean: float, low: float, high: float, fmt: str) -> str:
+    return f"{mean:{fmt}}" + ("" if math.isnan(low) else f" [{low:{fmt}}, {high:{fmt}}]")
 
 
 def markdown(result: dict) -> str:
-    s = SETTINGS[result["setting"]]
-    runs = result["runs"]
+    """One table per regime from the raw rows of `run` (or of a saved `--json` file)."""
+    s, runs, arms = result["settings"], result["runs"], result["arms"]
+    _, sweeps = builtin_arms(s)
     lines = [
-        f"Setting `{result['setting']}`: ViT {s['layers']} layers, hidden {s['hidden']}, patch 2, {s['epochs']} epochs, "
-        f"batch {s['batch']}, AdamW lr {LEARNING_RATE}, weight decay {WEIGHT_DECAY}, cosine; seeds {s['seeds']}; "
-        f"{len([x for x in runs])} trained models. Values: mean ± standard deviation [min, max] over seeds.",
-        "",
-        "Radius sweep (validation accuracy; GAM uses rho = 10 r):",
-        "",
-        "| noise | method | r | validation acc. | chosen |",
-        "|---|---|---|---|---|",
+        f"Seeds {s['seeds']}; from scratch: {s['n_train']} training digits, fit {s['fit_epochs']} epochs, underfit "
+        f"{s['underfit_epochs']}, lr {LEARNING_RATE}; fine-tuning: {s['finetune_epochs']} epochs, lr "
+        f"{FINETUNE_LEARNING_RATE}; AdamW, weight decay {WEIGHT_DECAY}, batch {BATCH}, cosine. "
+        "Accuracies: mean ± sd over seeds; Δ and ratios: paired with AdamW of the same seed, mean [95% t-interval].",
     ]
-    for noise in s["noises"]:
-        for method in ("sam", "gam"):
-            for r in s["radii"]:
-                rows = [x for x in runs if x["noise"] == noise and x["method"] == method and x["r"] == r]
-                lines.append(f"| {noise:.0%} | {method.upper()} | {r:g} | {_stats([x['val'] for x in rows])} | "
-                             f"{'yes' if rows[0].get('chosen') else ''} |")
-    lines += [
-        "",
-        "| noise | arm | r | test acc. (final epoch) | top Hessian eigenvalue | Hessian trace | time / AdamW |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for noise in s["noises"]:
-        arms = _arms(result, noise)
-        adamw_time = {x["seed"]: x["seconds"] for x in arms["AdamW"]}
-        for name, rows in arms.items():
-            r = "" if rows[0]["r"] is None else f"{rows[0]['r']:g}"
-            ratio = statistics.median(x["seconds"] / adamw_time[x["seed"]] for x in rows)
+    for regime in s["regimes"]:
+        rows_of = {a: [r for r in runs if r["regime"] == regime and r["arm"] == a] for a in arms}
+        chosen = {k: choose(runs, regime, [a for a in v if a in arms]) for k, v in sweeps.items()}
+        adamw = rows_of["adamw"]
+        lines += [
+            "", f"### {regime}", "",
+            f"Chosen on validation: GAM `{chosen['gam']}`, SAM `{chosen['sam']}` (marked *).", "",
+            "| arm | test acc. | Δ test vs AdamW [95% CI] | train acc. | val. acc. | top eigenvalue | "
+            "eig. / AdamW [95% CI] | passes / AdamW | time / AdamW |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, rows in rows_of.items():
+            if not rows:
+                continue
+            diff = t_interval(paired(rows, adamw, lambda r, a: r["test"] - a["test"]))
+            log_eig = t_interval(paired(rows, adamw, lambda r, a: _log_ratio(r["eig"], a["eig"])))
+            passes = statistics.mean(paired(rows, adamw, lambda r, a: r["examples"] / a["examples"]))
+            seconds = statistics.median(paired(rows, adamw, lambda r, a: r["seconds"] / a["seconds"]))
+            mark = " *" if name in chosen.values() else ""
             lines.append(
-                f"| {noise:.0%} | {name} | {r} | {_stats([x['test'] for x in rows])} | "
-                f"{_stats([x['top_eigenvalue'] for x in rows])} | {_stats([x['trace'] for x in rows])} | {ratio:.2f} |"
+                f"| {name}{mark} | {_mean_sd([r['test'] for r in rows])} | {_ci(*diff, '+.3f')} | "
+                f"{_mean_sd([r['train'] for r in rows])} | {_mean_sd([r['val'] for r in rows])} | "
+                f"{_mean_sd([r['eig'] for r in rows], 1)} | {_ci(*(math.exp(v) for v in log_eig), '.2f')} | "
+                f"{passes:.2f} | {seconds:.2f} |"
             )
     return "\n".join(lines)
 
 
-def _plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s = SETTINGS[result["setting"]]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for j, (key, label) in enumerate((("test", "test accuracy (final epoch)"), ("top_eigenvalue", "top Hessian eigenvalue"))):
-        ax = axes[j]
-        for i, noise in enumerate(s["noises"]):
-            arms = _arms(result, noise)
-            for a, (name, rows) in enumerate(arms.items()):
-                xs = [a + 0.3 * i - 0.15] * len(rows)
-                ax.scatter(xs, [x[key] for x in rows], color=f"C{i}", s=14, alpha=0.6,
-                           label=f"{noise:.0%} label noise" if a == 0 else None)
-                ax.hlines(statistics.mean(x[key] for x in rows), xs[0] - 0.1, xs[0] + 0.1, color=f"C{i}")
-            ax.set_xticks(range(len(arms)), list(arms), fontsize=8)
-        ax.set_ylabel(label)
-        if key == "top_eigenvalue":
-            ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    fig.suptitle("ViT on digits: one dot per seed, bar = mean")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+# --------------------------------------------------------------------------------------------------
+# Command line
 
 
-def _landscape(models: dict, noise: float, s: dict, chosen: dict, train: list[dict], figures: str) -> None:
-    from hf_gam.flatness import _stack
-    from hf_gam.landscape import loss_curve, loss_surface, plot_contour, plot_curves
-
-    seed = s["seeds"][0]
-    batch = _stack(train[: s["flat_examples"]])  # clean labels: the loss the test accuracy reflects
-    alphas = [k / 10 for k in range(-10, 11)]
-    picks = {"AdamW": (noise, seed, "adamw", None), f"SAM r={chosen['sam']:g}": (noise, seed, "sam", chosen["sam"]),
-             f"GAM r={chosen['gam']:g}": (noise, seed, "gam", chosen["gam"])}
-    curves = {label: [loss_curve(models[key], batch, alphas, seed=d) for d in range(3)] for label, key in picks.items()}
-    tag = f"noise{int(round(noise * 100))}"
-    plot_curves(curves, alphas, os.path.join(figures, f"landscape_1d_{tag}.png"),
-                title=f"digits ViT, {noise:.0%} label noise, seed {seed}: clean training loss")
-    coarse = [k / 5 for k in range(-5, 6)]
-    surfaces = {label: loss_surface(models[key], batch, coarse, seed=0) for label, key in picks.items()}
-    plot_contour(surfaces, coarse, os.path.join(figures, f"landscape_2d_{tag}.png"),
-                 title=f"{noise:.0%} label noise, seed {seed}")
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--figures", default=None, help="folder for the PNG files (e.g. docs/figures)")
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--quick", action="store_true", help="1 seed, tiny budgets, 5 arms")
+    parser.add_argument("--arm", action="append", default=[], metavar="NAME=KEY=VALUE,...",
+                        help="add an arm: GAMConfig keyword arguments (and epochs_x); repeatable")
+    parser.add_argument("--arms", default=None, help="comma-separated arms to run (gam_sweep, sam_sweep: a sweep)")
+    parser.add_argument("--regimes", default=None, help="comma-separated subset of fit,underfit,finetune")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds")
+    parser.add_argument("--gam-grad-rho", default=None, help="GAM sweep: values of gam_grad_rho (rho')")
+    parser.add_argument("--gam-grad-norm-rho", default=None, help="GAM sweep: values of gam_grad_norm_rho (rho)")
+    parser.add_argument("--sam-rho", default=None, help="SAM sweep: values of gam_grad_rho")
+    parser.add_argument("--json", default=None, help="write every per-seed number to this file")
+    parser.add_argument("--tables", default=None, metavar="JSON", help="print the tables of a saved run; train nothing")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.tables:
+        with open(args.tables) as f:
+            result = json.load(f)
+        print(markdown(result))
+        return result
     torch.set_num_threads(args.threads)
+    s = dict(SETTINGS["quick" if args.quick else "full"])
+    for key, option in (("gam_grad_rho", args.gam_grad_rho), ("gam_grad_norm_rho", args.gam_grad_norm_rho),
+                        ("sam_rho", args.sam_rho)):
+        if option:
+            s[key] = _floats(option)
+    if args.regimes:
+        s["regimes"] = args.regimes.split(",")
+        unknown = set(s["regimes"]) - set(REGIMES)
+        if unknown:
+            parser.error(f"unknown regime(s) {', '.join(sorted(unknown))}; known: {', '.join(REGIMES)}")
+    if args.seeds:
+        s["seeds"] = [int(x) for x in args.seeds.split(",")]
+    arms, sweeps = builtin_arms(s)
+    if args.quick and args.arms is None:
+        args.arms = ",".join(["adamw_2x", "gam_default", *sweeps["gam"][:1], *sweeps["sam"][-1:]])
+    for spec in args.arm:
+        name, config = parse_arm(spec)
+        arms[name] = config
+    names = None if args.arms is None else args.arms.split(",")
+    if names is not None:
+        names += [parse_arm(spec)[0] for spec in args.arm if parse_arm(spec)[0] not in names]
+    arms = select_arms(arms, sweeps, names)
     start = time.perf_counter()
-    result = run("quick" if args.quick else "full", figures=args.figures, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = run(s, arms, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
     print(markdown(result))
     print(f"\nTotal wall time: {time.perf_counter() - start:.0f} s, {args.threads} thread(s).")
     return result

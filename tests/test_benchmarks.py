@@ -1,5 +1,6 @@
 """The benchmarks' small settings run end to end and produce well-formed tables."""
 
+import json
 import math
 import os
 import sys
@@ -42,27 +43,92 @@ def test_step_cost_quick_setting():
     assert "| GAM |" in table and "collectives per optimizer step" in table
 
 
-def test_generalization_quick_setting(tmp_path):
-    result = generalization.run("quick", figures=str(tmp_path), log=lambda m: None)
-    s = generalization.SETTINGS["quick"]
-    runs = result["runs"]
-    # AdamW + SAM and GAM for every radius + the interval arm, per noise level and seed.
-    assert len(runs) == len(s["noises"]) * len(s["seeds"]) * (2 + 2 * len(s["radii"]))
-    for row in runs:
-        assert 0.0 <= row["test"] <= 1.0 and 0.0 <= row["val"] <= 1.0
-        assert math.isfinite(row["top_eigenvalue"]) and math.isfinite(row["trace"])
-    for noise in s["noises"]:
-        assert sum(1 for x in runs if x["noise"] == noise and x.get("chosen")) == 2 * len(s["seeds"])
-    table = generalization.markdown(result)
-    assert "| 20% | GAM, interval 2 |" in table
-    for name in ("generalization.png", "landscape_1d_noise0.png", "landscape_2d_noise20.png"):
-        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+def test_generalization_quick_runs_every_regime_and_counts_passes(tmp_path, capsys):
+    """`--quick` end to end (a subset of its arms, plus one from the command line), through the fine-tuning
+    recipe too; the counted forward passes are exactly 2x and 4x AdamW's for SAM, AdamW 2x and GAM."""
+    path = tmp_path / "gen.json"
+    generalization.main([
+        "--quick", "--regimes", "underfit,finetune", "--arms", "adamw_2x,gam_default", "--arm", "sam_lr=gam_method=sam,gam_grad_rho=0.05,gam_rho_schedule=lr",
+        "--json", str(path),
+    ])
+    out = capsys.readouterr().out
+    saved = json.loads(path.read_text())
+    runs = saved["runs"]
+    regimes = ["underfit", "finetune"]
+    arms = ["adamw", "adamw_2x", "gam_default", "sam_lr"]
+    assert sorted((r["regime"], r["arm"]) for r in runs) == sorted((g, a) for g in regimes for a in arms)
+    for regime in regimes:
+        rows = {r["arm"]: r for r in runs if r["regime"] == regime}
+        assert rows["adamw"]["examples"] > 0
+        ratios = {a: rows[a]["examples"] / rows["adamw"]["examples"] for a in arms}
+        assert ratios == {"adamw": 1.0, "adamw_2x": 2.0, "gam_default": 4.0, "sam_lr": 2.0}, regime
+        for r in rows.values():
+            assert all(0.0 <= r[k] <= 1.0 for k in ("train", "val", "test")) and math.isfinite(r["eig"])
+            assert r["seconds"] > 0
+        assert f"### {regime}" in out
+    assert saved["arms"]["sam_lr"] == {"gam_method": "sam", "gam_grad_rho": 0.05, "gam_rho_schedule": "lr"}
+    # The tables can be re-made from the saved numbers alone.
+    capsys.readouterr()
+    generalization.main(["--tables", str(path)])
+    assert capsys.readouterr().out.strip() == out.split("\nTotal wall time")[0].strip()
 
 
-def test_label_noise_rate_and_clean_copy():
-    clean = [{"pixel_values": None, "labels": i % 10} for i in range(2000)]
-    flipped = generalization.noisy(clean, 0.2, seed=0)
-    changed = sum(a["labels"] != b["labels"] for a, b in zip(clean, flipped))
-    assert 0.17 * 2000 < changed < 0.23 * 2000
-    assert [e["labels"] for e in clean] == [i % 10 for i in range(2000)]
-    assert generalization.noisy(clean, 0.2, seed=0) == flipped
+def test_arm_parsing_and_selection():
+    name, config = generalization.parse_arm("late=gam_grad_rho=0.05,gam_interval=2,gam_adaptive=True,gam_rho_schedule=lr")
+    assert name == "late"
+    assert config == {"gam_grad_rho": 0.05, "gam_interval": 2, "gam_adaptive": True, "gam_rho_schedule": "lr"}
+    assert type(config["gam_interval"]) is int and type(config["gam_grad_rho"]) is float
+    assert generalization.parse_arm("defaults=") == ("defaults", {})
+    with pytest.raises(ValueError, match="name=key=value"):
+        generalization.parse_arm("gam_grad_rho")
+    with pytest.raises(ValueError, match="not key=value"):
+        generalization.parse_arm("x=gam_grad_rho")
+
+    s = generalization.SETTINGS["full"]
+    arms, sweeps = generalization.builtin_arms(s)
+    assert arms["gam_default"] == {} and arms["adamw_4x"] == {"gam_method": "none", "epochs_x": 4}
+    assert len(sweeps["gam"]) == len(s["gam_grad_rho"]) * len(s["gam_grad_norm_rho"]) == len(sweeps["sam"])
+    assert max(arms[a]["gam_grad_rho"] for a in sweeps["sam"]) == 0.1
+    picked = generalization.select_arms(arms, sweeps, ["gam_default", "sam_sweep"])
+    assert list(picked) == ["adamw", "gam_default", *sweeps["sam"]]
+    with pytest.raises(ValueError, match="Unknown arm 'nope'"):
+        generalization.select_arms(arms, sweeps, ["nope"])
+
+
+def test_bad_arm_fails_before_training():
+    generalization.check_arms({"ok": {"gam_method": "sam", "epochs_x": 2}})
+    with pytest.raises(ValueError, match="Arm 'typo'.*gam_grad_rhoo"):
+        generalization.check_arms({"typo": {"gam_grad_rhoo": 0.05}})
+    with pytest.raises(ValueError, match="Arm 'neg'.*gam_grad_rho"):
+        generalization.check_arms({"neg": {"gam_grad_rho": -1.0}})
+    with pytest.raises(ValueError, match="epochs_x"):
+        generalization.check_arms({"zero": {"epochs_x": 0}})
+
+
+def test_paired_t_interval_matches_a_hand_computed_value():
+    # Differences 1, 2, 3, 4: mean 2.5, sd sqrt(5/3) = 1.29099, t(0.975, 3 d.o.f.) = 3.18245 from a t table,
+    # half-width 3.18245 * 1.29099 / 2 = 2.05426.
+    mean, low, high = generalization.t_interval([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5
+    assert low == pytest.approx(2.5 - 2.05426, abs=1e-5) and high == pytest.approx(2.5 + 2.05426, abs=1e-5)
+    assert all(math.isnan(v) for v in generalization.t_interval([0.3])[1:])
+    arm = [{"seed": 0, "test": 0.9}, {"seed": 1, "test": 0.7}, {"seed": 5, "test": 0.1}]
+    adamw = [{"seed": 1, "test": 0.5}, {"seed": 0, "test": 0.8}]
+    diffs = generalization.paired(arm, adamw, lambda r, a: r["test"] - a["test"])
+    assert diffs == pytest.approx([0.1, 0.2])  # matched by seed; seed 5 has no AdamW run
+
+
+def test_sweep_choice_uses_validation_not_test():
+    """Arm `b` has the best test accuracy, `a` the best validation accuracy: `a` must be chosen and marked."""
+    s = dict(generalization.SETTINGS["quick"], regimes=["fit"], seeds=[0, 1])
+    arms, sweeps = generalization.builtin_arms(dict(s, gam_grad_rho=[0.005, 0.02], gam_grad_norm_rho=[0.05]))
+    a, b = sweeps["gam"]
+    numbers = {"adamw": (0.80, 0.80), a: (0.90, 0.70), b: (0.70, 0.95)}  # (val, test)
+    runs = [dict(regime="fit", seed=seed, arm=name, val=val + 0.01 * seed, test=test, train=1.0, eig=10.0,
+                 examples=100, seconds=1.0) for seed in (0, 1) for name, (val, test) in numbers.items()]
+    assert generalization.choose(runs, "fit", sweeps["gam"]) == a
+    assert generalization.choose(runs, "fit", sweeps["sam"]) is None
+    s = dict(s, gam_grad_rho=[0.005, 0.02], gam_grad_norm_rho=[0.05])
+    table = generalization.markdown({"settings": s, "arms": {n: arms[n] for n in numbers}, "runs": runs})
+    assert f"| {a} * |" in table and f"| {b} |" in table
+    assert f"GAM `{a}`" in table
