@@ -155,3 +155,31 @@ def test_bad_values_are_refused(tmp_path, field, value):
 def test_interval_and_reuse_are_exclusive(tmp_path):
     with pytest.raises(ValueError, match="at most one"):
         GAMConfig(output_dir=str(tmp_path), gam_interval=2, gam_reuse_interval=2)
+
+
+def test_reuse_step_is_linear_in_the_loss_scale():
+    """The correction is stored per unit of ||g0||, so a loss scale (fp16) that changes between the full step and a
+    reuse step still gives d in the current scale's units."""
+    from hf_gam.gam import GAMHyperParams, GAMStep
+
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    batches = [batch_of(make_data(), start, 8) for start in (0, 8)]
+
+    def runner(batch, scale):
+        def forward_backward(i):
+            loss = model(**batch)["loss"]
+            (loss * scale).backward()
+            return loss.detach()
+        return forward_backward
+
+    hp = GAMHyperParams(**ORACLE)
+    directions = []
+    for full_scale, reuse_scale in ((1.0, 1.0), (2.0**10, 2.0**16)):
+        step = GAMStep(model.parameters())
+        step.run(runner(batches[0], full_scale), hp, store_correction=True)
+        model.zero_grad(set_to_none=True)
+        step.run(runner(batches[1], reuse_scale), hp, reuse=True)
+        directions.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]) / reuse_scale)
+        model.zero_grad(set_to_none=True)
+    assert relative_error(directions[1], directions[0]) < 1e-10  # xi = 1e-12 in the denominators: not exact
