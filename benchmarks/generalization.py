@@ -17,7 +17,9 @@ Regimes (each a function returning data, a model and a training budget; all use 
   underfit   the same with a third of the epochs: AdamW stops short (train accuracy ~0.9)
   finetune   a ViT pretrained (AdamW, once per seed) on digits 0-4 and saved with `save_pretrained` and an
              image processor, fine-tuned on digits 5-9, written as imagefolder PNGs, through the product's
-             own recipe, `recipes/vit_finegrained.py`'s `main(argv)` (its augmentation, warm-up, clipping)
+             own recipe, `recipes/vit_finegrained.py`'s `main(argv)` (its warm-up and clipping; with
+             `--train_augmentation none`, since a mirrored digit is another digit): AdamW fits the set
+             (train accuracy ~0.98)
 
 Data: the 1,797 bundled 8x8 digits, split once by `hf_gam.flatness.digits_examples` (30% test; the rest 80% train,
 20% validation). The validation split chooses the sweep points; the test split is read only for the table.
@@ -60,7 +62,7 @@ import torch
 SETTINGS = {
     "full": dict(
         seeds=[0, 1, 2, 3, 4], regimes=["fit", "underfit", "finetune"],
-        fit_epochs=15, underfit_epochs=7, pretrain_epochs=20, finetune_epochs=6, n_train=400,
+        fit_epochs=15, underfit_epochs=7, pretrain_epochs=20, finetune_epochs=8, n_train=400,
         gam_grad_rho=[0.002, 0.005, 0.02], gam_grad_norm_rho=[0.02, 0.05, 0.2],
         sam_rho=[0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.085, 0.1],
         flat_examples=256, eig_iters=10,
@@ -77,6 +79,7 @@ SETTINGS = {
 # defaults (5% warm-up, clipping at 1) with lr 1e-3 and batch 32.
 LEARNING_RATE = 2e-3
 FINETUNE_LEARNING_RATE = 1e-3
+FINETUNE_AUGMENTATION = "none"
 WEIGHT_DECAY = 0.05
 BATCH = 32
 
@@ -295,10 +298,11 @@ def finetune_regime(s: dict, seed: int, work_dir: str) -> Regime:
     from hf_gam.vision import build_transforms
 
     processor = ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    train_transform, eval_transform = build_transforms(processor)  # the recipe's transforms
+    # The recipe's transforms with `--train_augmentation none`: a mirrored digit is another digit, and random-resized
+    # crops of 8x8 images leave too little of it (with them AdamW fitted only ~75% of the fine-tuning set).
+    train_transform, eval_transform = build_transforms(processor, FINETUNE_AUGMENTATION)
     model_dir = os.path.join(work_dir, f"pretrained-seed{seed}")
     if not os.path.isdir(model_dir):
-        # Pretrained with the recipe's augmentation (random-resized crops, flips), as the fine-tuning will be.
         pretrain = Augmented(digit_images(range(0, 5))["train"], train_transform, {str(k): k for k in range(10)})
         model, _, _ = train_scratch(lambda: make_vit(seed, num_channels=3), pretrain, {"gam_method": "none"},
                                     s["pretrain_epochs"], LEARNING_RATE, seed, os.path.join(work_dir, "pretrain"))
@@ -354,7 +358,7 @@ def recipe_argv(regime: Regime, arm: dict, seed: int, out_dir: str) -> list[str]
         "--weight_decay", str(WEIGHT_DECAY), "--per_device_train_batch_size", str(BATCH),
         "--per_device_eval_batch_size", "256", "--seed", str(seed), "--use_cpu", "--dataloader_num_workers", "0",
         "--eval_strategy", "no", "--save_strategy", "no", "--logging_strategy", "no", "--disable_tqdm", "true",
-        "--report_to", "none", "--log_level", "error",
+        "--report_to", "none", "--log_level", "error", "--train_augmentation", FINETUNE_AUGMENTATION,
     ]
     for key, value in arm.items():
         if key != "epochs_x":

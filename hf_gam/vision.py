@@ -57,9 +57,13 @@ class DatasetUnavailableError(RecipeError):
     """The dataset cannot be reached: offline, gated, private, misspelt, or script-based."""
 
 
+AUGMENTATIONS = ("crop_flip", "crop", "none")
+"""Choices of `--train_augmentation`."""
+
 # --------------------------------------------------------------------------------------------
 # Presets
 # --------------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class DatasetPreset:
     """Where a named dataset lives on the Hub and how its columns and splits are called.
@@ -275,6 +279,15 @@ class DataTrainingArguments:
     )
     label_column_name: str | None = field(
         default=None, metadata={"help": "Column holding the class labels (default: the preset's, or 'label')."}
+    )
+    train_augmentation: str = field(
+        default="crop_flip",
+        metadata={
+            "help": "Training augmentation: 'crop_flip' (random-resized crop and horizontal flip, the ViT fine-tuning "
+            "default), 'crop' (no flip: for classes a mirror image changes, such as digits or text), or 'none' (the "
+            "evaluation transform).",
+            "choices": list(AUGMENTATIONS),
+        },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     max_eval_samples: int | None = field(
@@ -631,17 +644,25 @@ def image_geometry(image_processor: Any) -> ImageGeometry:
     return ImageGeometry(crop_size=crop_size, resize_size=resize_size, mean=tuple(mean), std=tuple(std))
 
 
-def build_transforms(image_processor: Any) -> tuple[Callable, Callable]:
+def build_transforms(image_processor: Any, augmentation: str = "crop_flip") -> tuple[Callable, Callable]:
     """`(train, eval)` torchvision transforms for ViT fine-tuning with the checkpoint's size, mean and std.
 
-    Train: random-resized crop to the input size, horizontal flip. Eval: resize the shorter side, center crop.
+    Train (`augmentation`): "crop_flip", random-resized crop to the input size and horizontal flip; "crop", the crop
+    alone; "none", the evaluation transform. Eval: resize the shorter side, center crop.
     """
     from torchvision import transforms as T
 
+    if augmentation not in AUGMENTATIONS:
+        raise RecipeError(f"--train_augmentation must be one of {', '.join(AUGMENTATIONS)}; got {augmentation!r}.")
     geometry = image_geometry(image_processor)
     normalize = T.Normalize(mean=geometry.mean, std=geometry.std)
-    train = T.Compose([T.RandomResizedCrop(geometry.crop_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     evaluate = T.Compose([T.Resize(geometry.resize_size), T.CenterCrop(geometry.crop_size), T.ToTensor(), normalize])
+    if augmentation == "none":
+        return evaluate, evaluate
+    steps = [T.RandomResizedCrop(geometry.crop_size)]
+    if augmentation == "crop_flip":
+        steps.append(T.RandomHorizontalFlip())
+    train = T.Compose(steps + [T.ToTensor(), normalize])
     return train, evaluate
 
 
@@ -957,7 +978,7 @@ def run_image_classification(
     image_processor = AutoImageProcessor.from_pretrained(
         model_args.image_processor_name or model_args.model_name_or_path, **common
     )
-    train_transform, eval_transform = build_transforms(image_processor)
+    train_transform, eval_transform = build_transforms(image_processor, data_args.train_augmentation)
     train_dataset = maybe_truncate(train_dataset, data_args.max_train_samples, training_args.seed)
     eval_dataset = maybe_truncate(eval_dataset, data_args.max_eval_samples, training_args.seed)
     train_dataset.set_transform(make_batch_transform(train_transform, data.image_column_name, data.label_column_name))

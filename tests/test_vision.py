@@ -398,3 +398,22 @@ def test_preset_loads_from_a_repository_with_its_real_schema(name, tmp_path, mon
         assert (len(train), len(validation)) == (9, 3)  # carved: 25% of 12, one per class
     else:
         assert (len(train), len(validation)) == (12, 12)
+
+
+def test_train_augmentation_choices():
+    """'crop_flip' mirrors some images, 'crop' never does, 'none' is the evaluation transform."""
+    processor = ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    left = Image.new("RGB", (8, 8))
+    left.paste((255, 255, 255), (0, 0, 4, 8))  # white left half: a flip moves it right
+    torch.manual_seed(0)
+
+    def mirrored(transform, n=40):
+        # A crop keeps the white half on the left (or fills the image with it); only a flip puts it right.
+        return any(transform(left)[0, :, -1].mean() > transform(left)[0, :, 0].mean() for _ in range(n))
+
+    assert mirrored(build_transforms(processor, "crop_flip")[0])
+    assert not mirrored(build_transforms(processor, "crop")[0])
+    train, evaluate = build_transforms(processor, "none")
+    assert train is evaluate
+    with pytest.raises(RecipeError, match="train_augmentation"):
+        build_transforms(processor, "flip")
