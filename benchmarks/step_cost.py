@@ -80,6 +80,8 @@ SETTINGS = {
     # steps - drop = 8: every measured window holds whole cycles of the reuse intervals 2, 4 and 8.
     "full": dict(image=32, patch=4, hidden=128, layers=4, batch=32, rounds=7, steps=10, drop=2),
     "quick": dict(image=16, patch=4, hidden=32, layers=1, batch=16, rounds=2, steps=9, drop=1),
+    # For a CUDA GPU (`benchmarks/gpu_check.sh`): a ViT-S/16-sized model at 224 px.
+    "gpu": dict(image=224, patch=16, hidden=384, layers=6, batch=64, rounds=5, steps=10, drop=2),
 }
 
 
