@@ -124,6 +124,38 @@ def test_nonfinite_pass_on_one_rank_with_a_loss_scaler_skips_the_step_on_both(ra
     assert [h["gam/skipped_steps"] for h in result["logs"] if "loss" in h] == [1]
 
 
+def direction_after_a_failed_full_step(theta0, theta):
+    """Step 1 of the `nonfinite*_reuse` runs (a reuse step at `theta`): rank 0 reuses the correction of its full step
+    at `theta0`; rank 1, whose full step failed, stored none and takes a plain gradient step; the ranks average."""
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    data = make_data(n=32, seed=0)
+    full, _ = flat_gradient_fn(model, batch_of(data, 0, 8))
+    rank0, _ = flat_gradient_fn(model, batch_of(data, 16, 8))
+    rank1, _ = flat_gradient_fn(model, batch_of(data, 24, 8))
+    return (reuse_direction(rank0, theta, stored_correction(full, theta0)[0]) + rank1(theta)) / 2
+
+
+def test_reuse_after_a_nonfinite_full_step_without_a_scaler(ranks):
+    """A full step whose passes failed stores a zero correction: the next reuse step stays finite."""
+    result = ranks("nonfinite_reuse")
+    assert [r["forwards"] for r in result["ranks"]] == [5, 5]
+    theta1, theta2 = rank_steps(result)
+    assert relative_error(theta1 - theta2, direction_after_a_failed_full_step(initial_params(), theta1)) < 1e-10
+    assert [h["gam/skipped_steps"] for h in result["logs"] if "loss" in h] == [1, 0]
+
+
+def test_reuse_after_a_nonfinite_full_step_with_a_loss_scaler(ranks):
+    """The scaler skips the full step once; the reuse step after it is applied, and the scale is lowered once."""
+    result = ranks("nonfinite_scaler_reuse")
+    theta0 = initial_params()
+    theta1, theta2 = rank_steps(result)
+    assert torch.equal(theta1, theta0)
+    assert relative_error(theta1 - theta2, direction_after_a_failed_full_step(theta0, theta0)) < 1e-10
+    assert [r["scale"] for r in result["ranks"]] == [torch.amp.GradScaler("cpu").get_scale() / 2] * 2
+    assert [h["gam/skipped_steps"] for h in result["logs"] if "loss" in h] == [1, 0]
+
+
 def test_reuse_under_local_mode_keeps_one_all_reduce_per_step(ranks):
     """2 ranks x 2 micro-batches of 4: a full step, then a reuse step. Each rank reuses the correction of its own
     last full micro-batch; the local mode averages the accumulated directions once per step."""

@@ -169,6 +169,11 @@ def main():
             gam_reuse_interval=2, logging_strategy="steps", logging_steps=1),
         "nonfinite": lambda: nonfinite_scenario(out_dir, "nonfinite", data),
         "nonfinite_scaler": lambda: nonfinite_scenario(out_dir, "nonfinite_scaler", data, scaler=True),
+        # Step 1 reuses the correction of step 0, whose passes failed on rank 1.
+        "nonfinite_reuse": lambda: nonfinite_scenario(out_dir, "nonfinite_reuse", make_data(n=32, seed=0),
+                                                      max_steps=2, gam_reuse_interval=2),
+        "nonfinite_scaler_reuse": lambda: nonfinite_scenario(out_dir, "nonfinite_scaler_reuse", make_data(n=32, seed=0),
+                                                             scaler=True, max_steps=2, gam_reuse_interval=2),
         "fsdp2": lambda: fsdp2_scenario(out_dir, copy.deepcopy(model), make_data(n=32, seed=0)),
     }
     for name, run in scenarios.items():
