@@ -564,7 +564,7 @@ class GAMStep:
                 stats.flatness = h0_norm / max(rho_prime, hp.eps)
                 stats.failed = failed | ~torch.isfinite(h0_norm)
                 if store_correction:
-                    self._store_correction(index, g, stats.grad_norm, hp.eps, reduce)
+                    self._store_correction(index, g, stats.grad_norm, hp.eps, reduce, stats.failed)
                 return  # d = g1, already in p.grad
             h0_norm = ascend_from_(theta_params, theta, rho, hp.eps, hp.adaptive, reduce)  # theta2
             stats.flatness = h0_norm / max(rho_prime, hp.eps)
@@ -589,7 +589,7 @@ class GAMStep:
             stats.cos, factor = remove_orthogonal_part_(g, h_minus, hp.gamma, hp.eps, reduce)
             stats.failed = failed | ~torch.isfinite(factor) | ~torch.isfinite(stats.cos)
             if store_correction:
-                self._store_correction(index, g, stats.grad_norm, hp.eps, reduce)
+                self._store_correction(index, g, stats.grad_norm, hp.eps, reduce, stats.failed)
         finally:
             if restore_from is not None:
                 torch._foreach_copy_([local_tensor(params[i].detach()) for i in index], restore_from)
@@ -597,13 +597,19 @@ class GAMStep:
                 rng_after_first.restore()
 
     def _store_correction(self, index: list[int], d: list[Tensor], g0_norm: Tensor, eps: float,
-                          reduce: Optional[ReduceFn]) -> None:
-        """correction <- (d - <d, g0> / ||g0||^2 g0) / ||g0||, in place (the buffer holds g0 on entry)."""
+                          reduce: Optional[ReduceFn], failed: Tensor) -> None:
+        """correction <- (d - <d, g0> / ||g0||^2 g0) / ||g0||, in place (the buffer holds g0 on entry).
+
+        When a pass failed (`failed`, a 0-dim bool tensor) the correction is zero, so that the reuse steps until the
+        next full step are plain gradient steps rather than non-finite ones. Decided on the device: a rank does not
+        learn that another failed, and every rank keeps running the same passes."""
         correction = self._buffer("correction", index)
         coefficient = global_dot(d, correction, reduce) / (g0_norm.square() + eps)
         scale_(correction, -coefficient)
         torch._foreach_add_(correction, d)
         scale_(correction, 1.0 / (g0_norm + eps))
+        for flat in self._flat["correction"].values():
+            flat.masked_fill_(failed.to(flat.device), 0.0)
         self._correction_index = list(index)
 
     def average_gradients(self, group: Optional[object] = None) -> int:
