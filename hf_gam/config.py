@@ -106,6 +106,15 @@ class GAMConfig(TrainingArguments):
             "that step's gradient norm. 1 runs full GAM at every step."
         },
     )
+    gam_batch_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fraction of each micro-batch, in (0, 1], that GAM's passes run on: with f < 1 the four passes "
+            "run on the first ceil(f * batch) examples and store their correction, then one pass on the whole "
+            "micro-batch applies it (d = g + ||g|| * correction, as on a reuse step): 1 + 4f passes' worth of compute. "
+            "1 runs GAM on the whole micro-batch."
+        },
+    )
     gam_same_rng: bool = field(
         default=True,
         metadata={
@@ -205,5 +214,7 @@ def validate_gam_fields(args) -> None:
     if args.gam_interval > 1 and args.gam_reuse_interval > 1:
         raise ValueError("Set at most one of `gam_interval` and `gam_reuse_interval` above 1: between full GAM steps, "
                          "`gam_interval` takes plain gradient steps and `gam_reuse_interval` reuses the last correction.")
+    if not 0.0 < args.gam_batch_fraction <= 1.0:
+        raise ValueError(f"`gam_batch_fraction` must lie in (0, 1]; got {args.gam_batch_fraction!r}.")
     if not 0.0 <= args.gam_start < 1.0:
         raise ValueError(f"`gam_start` must lie in [0, 1); got {args.gam_start!r}.")

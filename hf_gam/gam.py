@@ -418,6 +418,7 @@ class GAMStep:
         nonfinite: str = "mark",
         store_correction: bool = False,
         reuse: bool = False,
+        sub_forward_backward: Optional[Callable[[int], Tensor]] = None,
     ) -> GAMStats:
         """Run the passes and leave d (plus the set-aside gradients) in `p.grad`.
 
@@ -441,6 +442,10 @@ class GAMStep:
             store_correction: after a full GAM step, keep the part of d orthogonal to g0, divided by ||g0|| (one
                 more parameter-sized buffer), for later reuse steps.
             reuse: one pass only: d = g0 + ||g0|| * the stored correction (requires `has_correction`).
+            sub_forward_backward: like `forward_backward`, on a part of the micro-batch. When given (and not
+                `reuse`), GAM's passes run on that part and store their correction (none of them moves running
+                statistics), then one pass on the whole micro-batch, from the random state the step started with,
+                applies it: d = g0 + ||g0|| * correction. 1 + 4 * (part / micro-batch) passes' worth of compute.
         """
         if nonfinite not in ("mark", "drop"):
             raise ValueError(f"nonfinite must be 'mark' or 'drop'; got {nonfinite!r}")
@@ -455,6 +460,9 @@ class GAMStep:
         try:
             if reuse:
                 self._reuse_pass(forward_backward, stats, index, reduce, data_parallel)
+            elif sub_forward_backward is not None:
+                self._sub_batch_passes(forward_backward, sub_forward_backward, hp, grad_rho, grad_norm_rho,
+                                       norm_modules, same_rng, reduce, data_parallel, stats, index)
             else:
                 self._run_passes(forward_backward, hp, grad_rho, grad_norm_rho, norm_modules, same_rng, reduce,
                                  data_parallel, store_correction, stats, index)
@@ -518,8 +526,28 @@ class GAMStep:
         grads = [local_tensor(self.params[i].grad) for i in stored]
         add_scaled_(grads, self._buffer("correction", stored), stats.grad_norm)
 
+    def _sub_batch_passes(self, forward_backward, sub_forward_backward, hp, grad_rho, grad_norm_rho, norm_modules,
+                          same_rng, reduce, data_parallel, stats: GAMStats, index: list[int]) -> None:
+        """GAM's passes on a part of the micro-batch (correction stored), then one pass on all of it that applies
+        the correction. The metrics of the passes on the part are kept (flatness, cos); loss and ||g0|| are the
+        whole micro-batch's."""
+        rng_start = RandomState()
+        part = GAMStats(loss=torch.tensor(math.nan))
+        self._run_passes(sub_forward_backward, hp, grad_rho, grad_norm_rho, norm_modules, same_rng, reduce,
+                         data_parallel, True, part, [], freeze_first=True)
+        for p in self.params:
+            p.grad = None
+        rng_start.restore()  # the whole-batch pass draws what the stock step would
+        self._reuse_pass(forward_backward, stats, index, reduce, data_parallel)
+        stats.reused = False
+        stats.flatness, stats.cos = part.flatness, part.cos
+        stats.failed = stats.failed | part.failed
+        stats.passes += part.passes
+        stats.collectives += part.collectives
+
     def _run_passes(self, forward_backward, hp, grad_rho, grad_norm_rho, norm_modules, same_rng, reduce,
-                    data_parallel, store_correction, stats: GAMStats, index: list[int]) -> None:
+                    data_parallel, store_correction, stats: GAMStats, index: list[int],
+                    freeze_first: bool = False) -> None:
         rho_prime = hp.grad_rho if grad_rho is None else grad_rho
         rho = hp.grad_norm_rho if grad_norm_rho is None else grad_norm_rho
         params = self.params
@@ -530,7 +558,8 @@ class GAMStep:
         def run_pass(pass_index: int, free_buffer: Optional[str]) -> list[Tensor]:
             nonlocal rng_after_first
             if pass_index == 0:
-                stats.loss = forward_backward(0)
+                with frozen_norm_statistics(norm_modules if freeze_first else ()):
+                    stats.loss = forward_backward(0)
                 rng_after_first = RandomState() if same_rng else None
             else:
                 if rng_start is not None:

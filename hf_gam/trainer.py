@@ -141,21 +141,28 @@ class GAMMixin:
 
             data_parallel, reduce, sync_context = self._gam_parallelism(model, step)
 
-            def forward_backward(pass_index: int) -> torch.Tensor:
-                # A fresh shallow copy each pass: `compute_loss` pops "labels" when label smoothing is on.
-                with sync_context(), self._gam_pass_context(pass_index):
-                    with self.compute_loss_context_manager():
-                        loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
-                    if self.args.n_gpu > 1:
-                        loss = loss.mean()
-                    if not self._loss_is_scaled_for_ga(num_items_in_batch):
-                        loss = loss / self.current_gradient_accumulation_steps
-                    self.accelerator.backward(loss)
-                return loss.detach()
+            def passes_on(batch: dict[str, Any], counted: bool = True):
+                """The forward/backward of `batch`; only the first pass of a `counted` batch keeps the side effects of
+                `compute_loss` (see `gam_pass_side_effects`)."""
 
+                def forward_backward(pass_index: int) -> torch.Tensor:
+                    # A fresh shallow copy each pass: `compute_loss` pops "labels" when label smoothing is on.
+                    with sync_context(), self._gam_pass_context(pass_index if counted else 1):
+                        with self.compute_loss_context_manager():
+                            loss = self.compute_loss(model, dict(batch), num_items_in_batch=num_items_in_batch)
+                        if self.args.n_gpu > 1:
+                            loss = loss.mean()
+                        if not self._loss_is_scaled_for_ga(num_items_in_batch):
+                            loss = loss / self.current_gradient_accumulation_steps
+                        self.accelerator.backward(loss)
+                    return loss.detach()
+
+                return forward_backward
+
+            part = None if reuse else leading_part(inputs, self.args.gam_batch_fraction)
             grad_rho, grad_norm_rho = self._current_radii()
             stats = step.run(
-                forward_backward,
+                passes_on(inputs),
                 self.gam_hparams,
                 grad_rho=grad_rho,
                 grad_norm_rho=grad_norm_rho,
@@ -167,11 +174,16 @@ class GAMMixin:
                 nonfinite="mark" if self.accelerator.scaler is not None else "drop",
                 store_correction=self.args.gam_reuse_interval > 1 and not reuse,
                 reuse=reuse,
+                sub_forward_backward=None if part is None else passes_on(part, counted=False),
             )
             units = self._gam_units(inputs, num_items_in_batch)
-            del inputs
+            part_units = units if part is None else self._gam_units(part, num_items_in_batch)
+            passes = stats.passes
+            if part is not None:  # the passes on the part cost their share of a whole pass
+                passes = 1 + (stats.passes - 1) * _batch_size(part) / _batch_size(inputs)
+            del inputs, part
         self._gam_empty_cache()
-        self._record_gam_stats(stats, grad_rho, grad_norm_rho, units)
+        self._record_gam_stats(stats, grad_rho, grad_norm_rho, units, part_units, passes)
         return stats.loss
 
     def _gam_step_kind(self) -> str:
@@ -288,8 +300,11 @@ class GAMMixin:
         self._gam_passes = 0
         self._gam_micro_batches = 0
 
-    def _record_gam_stats(self, stats: GAMStats, grad_rho: float, grad_norm_rho: float, units) -> None:
-        """Adds this micro-batch's metrics to device-side sums (read on the host only when they are logged)."""
+    def _record_gam_stats(self, stats: GAMStats, grad_rho: float, grad_norm_rho: float, units, part_units,
+                          passes: float) -> None:
+        """Adds this micro-batch's metrics to device-side sums (read on the host only when they are logged).
+        `units` turn the whole micro-batch's norms into those of its mean loss, `part_units` those measured on the
+        part GAM's passes ran on; `passes` counts whole-micro-batch passes' worth of compute."""
         failed = stats.failed
         zero = torch.zeros((), dtype=torch.float64, device=failed.device)
         finite = (~failed).double()
@@ -299,7 +314,7 @@ class GAMMixin:
 
         row = torch.stack([
             where_finite(stats.grad_norm * units),
-            where_finite(None if stats.flatness is None else stats.flatness * units),
+            where_finite(None if stats.flatness is None else stats.flatness * part_units),
             where_finite(stats.cos),
             failed.double(),
             finite * float(stats.flatness is not None),
@@ -307,7 +322,7 @@ class GAMMixin:
         ])
         self._gam_sums = row if self._gam_sums is None else self._gam_sums + row
         self._gam_count += 1
-        self._gam_passes += stats.passes
+        self._gam_passes += passes
         self._gam_micro_batches += 1
         self._gam_radii = (grad_rho, grad_norm_rho)
 
@@ -399,6 +414,27 @@ class GAMTrainer(GAMMixin, Trainer):
     A [`~transformers.Trainer`] that trains with Gradient norm Aware Minimization (Zhang et al., CVPR 2023):
     `GAMMixin` + `Trainer`. See `GAMMixin`.
     """
+
+
+def _batch_size(inputs: dict[str, Any]) -> Optional[int]:
+    """The leading dimension of the micro-batch: that of `labels`, else of the first tensor with one."""
+    for value in [inputs.get("labels"), *inputs.values()]:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+def leading_part(inputs: dict[str, Any], fraction: float) -> Optional[dict[str, Any]]:
+    """The first ceil(fraction * batch) examples of a micro-batch (every tensor whose leading dimension is the batch
+    size is sliced, anything else kept), or None when that is the whole micro-batch."""
+    size = _batch_size(inputs)
+    if fraction >= 1.0 or size is None:
+        return None
+    keep = max(1, math.ceil(fraction * size))
+    if keep >= size:
+        return None
+    return {k: v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else v
+            for k, v in inputs.items()}
 
 
 _DEEPSPEED_MESSAGE = (

@@ -183,3 +183,59 @@ def test_reuse_step_is_linear_in_the_loss_scale():
         directions.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]) / reuse_scale)
         model.zero_grad(set_to_none=True)
     assert relative_error(directions[1], directions[0]) < 1e-10  # xi = 1e-12 in the denominators: not exact
+
+
+def test_batch_fraction_step_equals_its_oracle(tmp_path):
+    """GAM's passes on the first half of the micro-batch, the correction applied to the whole one's gradient."""
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    data = make_data()
+    theta0 = flat_params(model)
+    recorder, _ = train(model, data, tmp_path, gam_batch_fraction=0.5)
+    part_gradient, _ = flat_gradient_fn(model, batch_of(data, 0, 4))
+    correction, _ = stored_correction(part_gradient, theta0)
+    whole_gradient, _ = flat_gradient_fn(model, batch_of(data, 0, 8))
+    expected = reuse_direction(whole_gradient, theta0, correction)
+    assert relative_error(oracle_direction(whole_gradient, theta0, **ORACLE), expected) > 1e-3  # a real change
+    assert relative_error(theta0 - recorder.params[0], expected) < 1e-10
+    assert recorder.logs[0]["gam/passes"] == 3.0  # 1 + 4 * 4/8
+
+
+def test_batch_fraction_moves_running_statistics_once_and_leaves_the_stock_random_stream(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier(batch_norm=True, dropout=0.2)
+    data = make_data()
+    stock = TinyClassifier(batch_norm=True, dropout=0.2)
+    stock.load_state_dict(model.state_dict())
+    batch = batch_of(data, 0, 8)
+    trainers = []
+    for m, overrides in ((model, dict(gam_batch_fraction=0.25)), (stock, dict(gam_method="none"))):
+        trainer = GAMTrainer(model=m, args=sgd_args(tmp_path, **HPARAMS, **overrides), train_dataset=data)
+        trainer.current_gradient_accumulation_steps = 1
+        trainers.append(trainer)
+    torch.manual_seed(5)
+    trainers[0].training_step(model, dict(batch))
+    rng_gam = torch.get_rng_state()
+    torch.manual_seed(5)
+    trainers[1].training_step(stock, dict(batch))
+    assert torch.equal(rng_gam, torch.get_rng_state())
+    bn, stock_bn = model.net[1], stock.net[1]
+    assert bn.num_batches_tracked.item() == 1
+    assert torch.equal(bn.running_mean, stock_bn.running_mean) and torch.equal(bn.running_var, stock_bn.running_var)
+
+
+def test_batch_fraction_of_one_is_full_gam(tmp_path):
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    plain = TinyClassifier()
+    plain.load_state_dict(model.state_dict())
+    data = make_data()
+    train(model, data, tmp_path, gam_batch_fraction=1.0)
+    train(plain, data, tmp_path)
+    assert torch.equal(flat_params(model), flat_params(plain))
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5, -0.2])
+def test_bad_batch_fraction_is_refused(tmp_path, value):
+    with pytest.raises(ValueError, match="gam_batch_fraction"):
+        GAMConfig(output_dir=str(tmp_path), gam_batch_fraction=value)
