@@ -2,7 +2,18 @@
 
 from .config import GAMConfig, gam_config_class
 from .flatness import FlatnessCallback
+from .search import gam_hp_space, gam_hp_space_for, metric_objective, short_budget
 from .trainer import GAMMixin, GAMTrainer
 
-__all__ = ["FlatnessCallback", "GAMConfig", "GAMMixin", "GAMTrainer", "gam_config_class"]
+__all__ = [
+    "FlatnessCallback",
+    "GAMConfig",
+    "GAMMixin",
+    "GAMTrainer",
+    "gam_config_class",
+    "gam_hp_space",
+    "gam_hp_space_for",
+    "metric_objective",
+    "short_budget",
+]
 __version__ = "0.1.0"
