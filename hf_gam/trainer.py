@@ -72,17 +72,6 @@ class GAMMixin:
                 f"GAMTrainer cannot use optim={self.args.optim.value!r}: LOMO updates the parameters inside backward, "
                 "so there is no gradient to combine. Choose another optimizer."
             )
-        self.gam_hparams = GAMHyperParams(
-            method=self.args.gam_method,
-            grad_rho=self.args.gam_grad_rho,
-            grad_norm_rho=self.args.gam_grad_norm_rho,
-            alpha=self.args.gam_alpha,
-            beta=self.args.gam_beta,
-            gamma=self.args.gam_gamma,
-            formula=self.args.gam_formula,
-            adaptive=self.args.gam_adaptive,
-            eps=self.args.gam_eps,
-        )
         self._gam_step: Optional[GAMStep] = None
         self._gam_norm_layers: list[nn.Module] = []
         if self.args.gam_method != "none":
@@ -109,6 +98,20 @@ class GAMMixin:
         self._gam_radii = (self.args.gam_grad_rho, self.args.gam_grad_norm_rho)
 
     # ---- the step ----
+
+    @property
+    def gam_hparams(self) -> GAMHyperParams:
+        """The step's hyper-parameters, read from `self.args` each time (`hyperparameter_search` sets a trial's values
+        on `args` after the trainer is built)."""
+        args = self.args
+        return GAMHyperParams(method=args.gam_method, grad_rho=args.gam_grad_rho, grad_norm_rho=args.gam_grad_norm_rho,
+                              alpha=args.gam_alpha, beta=args.gam_beta, gamma=args.gam_gamma, formula=args.gam_formula,
+                              adaptive=args.gam_adaptive, eps=args.gam_eps)
+
+    def _hp_search_setup(self, trial) -> None:
+        """`Trainer._hp_search_setup`, then the trial's `gam_*` values checked like the config's."""
+        super()._hp_search_setup(trial)
+        validate_gam_fields(self.args)
 
     def train(self, *args, **kwargs):
         """`Trainer.train`, with GAM's state (parameter list, work buffers, stored correction, metrics) bound to the

@@ -179,8 +179,6 @@ def test_metric_objective_picks_one_metric_and_names_the_missing_one():
         metric_objective("top5")(metrics)
 
 
-@pytest.mark.xfail(strict=True, reason="GAMMixin builds `gam_hparams` (method, alpha, beta, gamma, formula, adaptive, "
-                   "eps) once in __init__; a trial's gam_method reaches `args` but not the step, so SAM trials run GAM")
 def test_sam_trials_run_sam_and_sample_only_its_radius(tmp_path):
     space = gam_hp_space_for(grad_rho=GRAD_RHO, method=("gam", "sam"))
     _, trials, _ = search(search_args(tmp_path), space, n_trials=4)
@@ -192,3 +190,12 @@ def test_sam_trials_run_sam_and_sample_only_its_radius(tmp_path):
         for logs in trial["logs"]:
             assert logs["gam/grad_rho"] == trial["params"]["gam_grad_rho"]
             assert logs["gam/passes"] == (4 if method == "gam" else 2)
+
+
+def test_a_trial_with_a_bad_gam_value_is_refused(tmp_path):
+    """The trial's values are checked like the config's: a negative radius stops the search with the field named."""
+    data = make_data()
+    trainer = GAMTrainer(model_init=lambda: TinyClassifier(), args=search_args(tmp_path), train_dataset=data,
+                         eval_dataset=data)
+    with pytest.raises(ValueError, match="gam_grad_rho"):
+        trainer.hyperparameter_search(hp_space=lambda trial: {"gam_grad_rho": -0.1}, backend="optuna", n_trials=1)
