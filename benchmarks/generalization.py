@@ -5,8 +5,13 @@ regime's epochs. `{}` is `GAMConfig()`'s defaults as they are when the script ru
   adamw, adamw_2x, adamw_4x   `gam_method="none"` (the stock Trainer step) for 1x, 2x and 4x the epochs:
                               AdamW given the forward/backward passes of SAM (2x) and of GAM (4x)
   gam_default                 `{}`: GAM at the package defaults
-  gam_<rho'>_<rho>            the GAM sweep, `gam_grad_rho` x `gam_grad_norm_rho` on two grids
-  sam_<rho'>                  the SAM sweep, as many points as the GAM sweep, up to 0.1
+  gam_<rho'>_<rho>            the GAM sweep, `gam_grad_rho` x `gam_grad_norm_rho` on two grids (GAM at every step,
+                              constant radii, as in the paper; gam_0.02_0.2 is the released setting)
+  sam_<rho'>                  the SAM sweep, as many points as the GAM sweep, up to 0.1 (every step, constant)
+  cheap_gam                   `hf_gam.CHEAP_GAM`
+  front_<field>_<value>       `--arms frontier_sweep`: the defaults with one cost-cutting field changed
+                              (`gam_reuse_interval` 2, 4, 8; `gam_batch_fraction` 0.5, 0.25, 0.125; `gam_start`
+                              0.5, 0.9): the cost / accuracy / flatness frontier (`--plot` draws it)
 More arms from the command line, without code changes (values are read as int, float, bool or str):
     --arm 'late=gam_grad_rho=0.05,gam_rho_schedule=lr' --arm 'gam_k2=gam_interval=2'
 `--arms adamw,gam_default,late` runs a subset (`gam_sweep` and `sam_sweep` name the sweeps; adamw always runs).
@@ -81,6 +86,10 @@ LEARNING_RATE = 2e-3
 FINETUNE_LEARNING_RATE = 1e-3
 FINETUNE_AUGMENTATION = "none"
 WEIGHT_DECAY = 0.05
+# The sweeps run GAM and SAM at every step with constant radii, as the paper does (the defaults start late and ramp).
+EVERY_STEP = {"gam_start": 0.0, "gam_rho_schedule": "constant"}
+# `--arms frontier_sweep`: each cost-cutting field alone, on top of `GAMConfig()`'s defaults.
+FRONTIER = {"gam_reuse_interval": [2, 4, 8], "gam_batch_fraction": [0.5, 0.25, 0.125], "gam_start": [0.5, 0.9]}
 BATCH = 32
 
 
@@ -122,28 +131,39 @@ def builtin_arms(s: dict) -> tuple[dict[str, dict], dict[str, list[str]]]:
         "adamw_4x": {"gam_method": "none", "epochs_x": 4},
         "gam_default": {},
     }
-    sweeps = {"gam": [], "sam": []}
+    from hf_gam import CHEAP_GAM
+
+    arms["cheap_gam"] = dict(CHEAP_GAM)
+    sweeps = {"gam": [], "sam": [], "frontier": []}
+    # The cost-cutting mechanisms one at a time, on top of the defaults: their cost / accuracy / flatness frontier.
+    for key, values in FRONTIER.items():
+        for value in values:
+            name = f"front_{key.removeprefix('gam_')}_{value:g}"
+            arms[name] = {key: value}
+            sweeps["frontier"].append(name)
     for grad_rho in s["gam_grad_rho"]:
         for norm_rho in s["gam_grad_norm_rho"]:
             name = f"gam_{grad_rho:g}_{norm_rho:g}"
-            arms[name] = {"gam_method": "gam", "gam_grad_rho": grad_rho, "gam_grad_norm_rho": norm_rho}
+            arms[name] = {"gam_method": "gam", "gam_grad_rho": grad_rho, "gam_grad_norm_rho": norm_rho, **EVERY_STEP}
             sweeps["gam"].append(name)
     for rho in s["sam_rho"]:
-        arms[f"sam_{rho:g}"] = {"gam_method": "sam", "gam_grad_rho": rho}
+        arms[f"sam_{rho:g}"] = {"gam_method": "sam", "gam_grad_rho": rho, **EVERY_STEP}
         sweeps["sam"].append(f"sam_{rho:g}")
     return arms, sweeps
 
 
 def select_arms(arms: dict[str, dict], sweeps: dict[str, list[str]], names: list[str] | None) -> dict[str, dict]:
-    """The arms called `names` (`gam_sweep`/`sam_sweep` expand to a sweep), always with `adamw` first."""
+    """The arms called `names` (`gam_sweep`/`sam_sweep`/`frontier_sweep` expand to a group), always with `adamw`
+    first; without names, every arm but the frontier."""
     if names is None:
-        return dict(arms)
+        return {n: a for n, a in arms.items() if n not in sweeps["frontier"]}
     wanted = ["adamw"]
     for name in names:
         group = sweeps.get(name.removesuffix("_sweep")) if name.endswith("_sweep") else None
         for n in group if group is not None else [name]:
             if n not in arms:
-                raise ValueError(f"Unknown arm {n!r}; known: {', '.join(arms)}, gam_sweep, sam_sweep.")
+                raise ValueError(f"Unknown arm {n!r}; known: {', '.join(arms)}, gam_sweep, sam_sweep, "
+                                 "frontier_sweep.")
             if n not in wanted:
                 wanted.append(n)
     return {n: arms[n] for n in wanted}
@@ -495,7 +515,7 @@ def markdown(result: dict) -> str:
     ]
     for regime in s["regimes"]:
         rows_of = {a: [r for r in runs if r["regime"] == regime and r["arm"] == a] for a in arms}
-        chosen = {k: choose(runs, regime, [a for a in v if a in arms]) for k, v in sweeps.items()}
+        chosen = {k: choose(runs, regime, [a for a in sweeps[k] if a in arms]) for k in ("gam", "sam")}
         adamw = rows_of["adamw"]
         lines += [
             "", f"### {regime}", "",
@@ -521,6 +541,49 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict, path: str) -> None:
+    """Per regime: Δ test accuracy and eigenvalue ratio to AdamW (mean and 95% interval) against passes / AdamW."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, runs, arms = result["settings"], result["runs"], result["arms"]
+    _, sweeps = builtin_arms(s)
+    regimes = s["regimes"]
+    fig, axes = plt.subplots(2, len(regimes), figsize=(5.2 * len(regimes), 7.5), squeeze=False)
+    for col, regime in enumerate(regimes):
+        adamw = [r for r in runs if r["regime"] == regime and r["arm"] == "adamw"]
+        for name in arms:
+            rows = [r for r in runs if r["regime"] == regime and r["arm"] == name]
+            if not rows or name == "adamw":
+                continue
+            x = statistics.mean(paired(rows, adamw, lambda r, a: r["examples"] / a["examples"]))
+            group = ("GAM sweep" if name in sweeps["gam"] else "SAM sweep" if name in sweeps["sam"] else
+                     "frontier" if name in sweeps["frontier"] else "AdamW" if name.startswith("adamw") else name)
+            color = {"GAM sweep": "C0", "SAM sweep": "C1", "frontier": "C2", "AdamW": "C7"}.get(group, "C3")
+            for row, value in ((0, lambda r, a: r["test"] - a["test"]), (1, lambda r, a: _log_ratio(r["eig"], a["eig"]))):
+                mean, low, high = t_interval(paired(rows, adamw, value))
+                if row == 1:
+                    mean, low, high = (math.exp(v) for v in (mean, low, high))
+                ax = axes[row][col]
+                ax.errorbar([x], [mean], yerr=[[mean - low], [high - mean]], fmt="o", color=color, ms=4, capsize=2)
+                if group not in ("GAM sweep", "SAM sweep"):
+                    ax.annotate(name, (x, mean), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        axes[0][col].axhline(0, color="k", lw=0.5)
+        axes[1][col].axhline(1, color="k", lw=0.5)
+        axes[1][col].set_yscale("log")
+        axes[0][col].set_title(regime)
+        axes[1][col].set_xlabel("forward/backward passes / AdamW")
+    axes[0][0].set_ylabel("Δ test accuracy vs AdamW (95% CI)")
+    axes[1][0].set_ylabel("top eigenvalue / AdamW (95% CI)")
+    fig.suptitle("blue: GAM sweep, orange: SAM sweep, green: cost-cutting frontier, grey: AdamW 2x/4x, red: others",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------------------------------
 # Command line
 
@@ -542,12 +605,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--sam-rho", default=None, help="SAM sweep: values of gam_grad_rho")
     parser.add_argument("--json", default=None, help="write every per-seed number to this file")
     parser.add_argument("--tables", default=None, metavar="JSON", help="print the tables of a saved run; train nothing")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="draw the cost / accuracy / flatness figure")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.tables:
         with open(args.tables) as f:
             result = json.load(f)
         print(markdown(result))
+        if args.plot:
+            plot(result, args.plot)
         return result
     torch.set_num_threads(args.threads)
     s = dict(SETTINGS["quick" if args.quick else "full"])
@@ -578,6 +644,8 @@ def main(argv=None) -> dict:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     print(markdown(result))
+    if args.plot:
+        plot(result, args.plot)
     print(f"\nTotal wall time: {time.perf_counter() - start:.0f} s, {args.threads} thread(s).")
     return result
 

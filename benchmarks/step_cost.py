@@ -2,8 +2,12 @@
 
 Every arm trains the same model (same initial weights) on the same batches through `GAMTrainer`, with
 `gam_method="none"` (the stock Trainer step), "sam", "gam", "gam" with `gam_interval=2`, and "gam" with
-`gam_reuse_interval` k (full GAM every k-th step, one pass plus the stored correction between). "stock step x4"
-runs the stock step 4 times on each micro-batch: the floor of GAM's 4 passes with nothing else added.
+`gam_reuse_interval` k (full GAM every k-th step, one pass plus the stored correction between) or
+`gam_batch_fraction` f (GAM's passes on a part of each micro-batch), all at every step with constant radii; and
+the package's own settings, `GAMConfig()`'s defaults and `hf_gam.CHEAP_GAM`, which start GAM at 75% of the run
+(their time ratio covers a window with the same quarter of GAM steps as a whole run; their memory is that of
+their GAM steps). "stock step x4" runs the stock step 4 times on each micro-batch: the floor of GAM's 4 passes
+with nothing else added.
 
 * Time: a callback reads the clock at `on_step_begin` and `on_step_end`, so a step is the forward and backward
   passes, clipping and the optimizer step (not data loading, logging or evaluation). Arms are interleaved:
@@ -64,16 +68,24 @@ if os.environ.get("STEP_COST_COUNT_COLLECTIVES") == "1":
 
 import torch  # noqa: E402
 
+# GAM and SAM at every step with constant radii (the defaults start GAM late; see the "defaults" arms).
+EVERY_STEP = dict(gam_start=0.0, gam_rho_schedule="constant")
 ARMS = {
     "stock Trainer": dict(gam_method="none"),
     # GAM's floor: a Trainer whose step is the stock step run 4 times on the same micro-batch (see `FloorTrainer`).
     "stock step x4 (GAM's floor)": dict(gam_method="none", floor_passes=4),
-    "SAM": dict(gam_method="sam"),
-    "GAM": dict(gam_method="gam"),
-    "GAM, interval 2": dict(gam_method="gam", gam_interval=2),
-    "GAM, reuse 2": dict(gam_method="gam", gam_reuse_interval=2),
-    "GAM, reuse 4": dict(gam_method="gam", gam_reuse_interval=4),
-    "GAM, reuse 8": dict(gam_method="gam", gam_reuse_interval=8),
+    "SAM": dict(gam_method="sam", **EVERY_STEP),
+    "GAM": dict(gam_method="gam", **EVERY_STEP),
+    "GAM, interval 2": dict(gam_method="gam", gam_interval=2, **EVERY_STEP),
+    "GAM, reuse 2": dict(gam_method="gam", gam_reuse_interval=2, **EVERY_STEP),
+    "GAM, reuse 4": dict(gam_method="gam", gam_reuse_interval=4, **EVERY_STEP),
+    "GAM, reuse 8": dict(gam_method="gam", gam_reuse_interval=8, **EVERY_STEP),
+    "GAM, batch fraction 1/4": dict(gam_method="gam", gam_batch_fraction=0.25, **EVERY_STEP),
+    "GAM, batch fraction 1/8": dict(gam_method="gam", gam_batch_fraction=0.125, **EVERY_STEP),
+    # The package's settings as they are: over a 10-step run with 2 steps dropped, steps 8-9 run GAM (gam_start
+    # 0.75), so the measured window holds the same quarter of GAM steps as any run.
+    "GAMConfig() defaults": dict(),
+    "CHEAP_GAM": "CHEAP_GAM",
 }
 SETTINGS = {
     # image side, patch, hidden, layers, batch, rounds, steps per run, dropped steps per run
@@ -126,10 +138,19 @@ class StepClock:
         self.counts: list[dict] = []
 
 
+def resolve_arm(arm) -> dict:
+    """A copy of the arm's keyword arguments ("CHEAP_GAM" names `hf_gam.CHEAP_GAM`)."""
+    if arm == "CHEAP_GAM":
+        from hf_gam import CHEAP_GAM
+
+        return dict(CHEAP_GAM)
+    return dict(arm)
+
+
 def make_trainer(model, data, s: dict, arm: dict, steps: int, out_dir: str, callbacks=()):
     from hf_gam import GAMConfig, GAMTrainer
 
-    arm = dict(arm)
+    arm = resolve_arm(arm)
     passes = arm.pop("floor_passes", None)
     trainer_class = GAMTrainer
     if passes is not None:
@@ -211,7 +232,9 @@ def memory_arms(s: dict, arms: dict, out_dir: str) -> dict:
     data = make_data(s, 3)
     peaks = {}
     for name, arm in arms.items():
-        # 3 steps: a reuse arm allocates its correction buffer on its first (full) step.
+        # 3 steps: a reuse arm allocates its correction buffer on its first (full) step. GAM from the first step
+        # (an arm that starts late would not reach its GAM steps in 3): the peak of its GAM steps.
+        arm = {**resolve_arm(arm), "gam_start": 0.0}
         trainer = make_trainer(copy.deepcopy(base), data, s, arm, 3, out_dir)
         peaks[name] = _run_peak_bytes(trainer)
     unit = _param_bytes(base)
@@ -225,11 +248,14 @@ def memory_arms(s: dict, arms: dict, out_dir: str) -> dict:
 
 DIST_ARMS = {
     "stock Trainer": dict(gam_method="none"),
-    "SAM": dict(gam_method="sam"),
-    "GAM, local sync": dict(gam_method="gam", gam_sync="local"),
-    "GAM, global sync": dict(gam_method="gam", gam_sync="global"),
-    "GAM, local sync, grad. accum. 2": dict(gam_method="gam", gam_sync="local", gradient_accumulation_steps=2),
-    "GAM, local sync, reuse 4": dict(gam_method="gam", gam_sync="local", gam_reuse_interval=4),
+    "SAM": dict(gam_method="sam", **EVERY_STEP),
+    "GAM, local sync": dict(gam_method="gam", gam_sync="local", **EVERY_STEP),
+    "GAM, global sync": dict(gam_method="gam", gam_sync="global", **EVERY_STEP),
+    "GAM, local sync, grad. accum. 2": dict(gam_method="gam", gam_sync="local", gradient_accumulation_steps=2,
+                                            **EVERY_STEP),
+    "GAM, local sync, reuse 4": dict(gam_method="gam", gam_sync="local", gam_reuse_interval=4, **EVERY_STEP),
+    "GAM, local sync, batch fraction 1/8": dict(gam_method="gam", gam_sync="local", gam_batch_fraction=0.125,
+                                                **EVERY_STEP),
 }
 
 

@@ -180,19 +180,31 @@ def global_norm(tensors: Sequence[Tensor], reduce: Optional[ReduceFn] = None) ->
     return sum_of_squares(tensors, reduce).sqrt()
 
 
-def global_dot(a: Sequence[Tensor], b: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> Tensor:
-    """<a, b> over all the tensors (and shards), multiplied and accumulated in float64, one tensor at a time."""
-    parts = []
+CHUNK = 2**20  # elements converted to float64 at a time by `global_dot` and `weighted_norm`
+
+
+def _chunk_pairs(a: Sequence[Tensor], b: Sequence[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+    """Matching flat pieces of at most `CHUNK` elements of every pair of tensors, so that their float64 copies stay
+    small whatever the size of a tensor."""
     for x, y in zip(a, b):
+        x, y = x.reshape(-1), y.reshape(-1)
+        for start in range(0, x.numel(), CHUNK):
+            yield x[start : start + CHUNK], y[start : start + CHUNK]
+
+
+def global_dot(a: Sequence[Tensor], b: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> Tensor:
+    """<a, b> over all the tensors (and shards), multiplied and accumulated in float64, a chunk at a time."""
+    parts = []
+    for x, y in _chunk_pairs(a, b):
         dtype = _accumulation_dtype(x.device)
-        parts.append(torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)))
+        parts.append(torch.dot(x.to(dtype), y.to(dtype)))
     return _total(parts, reduce)
 
 
 def weighted_norm(direction: Sequence[Tensor], weights: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> Tensor:
-    """|| direction * |weights| ||, in float64, one tensor at a time (no parameter-sized temporary)."""
+    """|| direction * |weights| ||, in float64, a chunk at a time (no parameter-sized temporary)."""
     parts = []
-    for d, w in zip(direction, weights):
+    for d, w in _chunk_pairs(direction, weights):
         dtype = _accumulation_dtype(d.device)
         parts.append((d.to(dtype) * w.to(dtype).abs()).square().sum())
     return _total(parts, reduce).sqrt()
@@ -208,14 +220,15 @@ def scale_(tensors: Sequence[Tensor], factor: Tensor) -> None:
 
 
 def add_scaled_(tensors: Sequence[Tensor], others: Sequence[Tensor], factor: Tensor) -> None:
-    """tensors += factor * others, in place, with `factor` a 0-dim tensor (a temporary per device group)."""
+    """tensors += factor * others, in place, with `factor` a 0-dim tensor (broadcast views of it: no temporary)."""
     by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
     for t, o in zip(tensors, others):
         group = by_device.setdefault(t.device, ([], []))
         group[0].append(t)
         group[1].append(o)
     for device, (ts, os_) in by_device.items():
-        torch._foreach_add_(ts, torch._foreach_mul(os_, factor.to(device=device, dtype=ts[0].dtype)))
+        scalar = factor.to(device=device, dtype=ts[0].dtype)
+        torch._foreach_addcmul_(ts, os_, [scalar.expand_as(o) for o in os_])
 
 
 def ascend_(

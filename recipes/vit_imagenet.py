@@ -7,7 +7,7 @@ ViT-B/16 from the ImageNet-21k checkpoint, 8 GPUs (global batch 8 x 64 = 512):
     accelerate launch --multi_gpu --num_processes 8 recipes/vit_imagenet.py \\
         --model_name_or_path google/vit-base-patch16-224-in21k \\
         --output_dir outputs/vit-base-imagenet-gam --bf16 \\
-        --gam_method gam --gam_grad_rho 0.02 --gam_grad_norm_rho 0.2
+        --gam_method gam
 
 Local copies in imagefolder layout (<dir>/<class>/<image>) instead of the Hub; ImageNet's `val` images are the
 test set everyone reports, so they go to `--test_dir`:
@@ -26,10 +26,11 @@ command-line flag; `--config recipes/configs/vit_imagenet.yaml` (or the file as 
 options from YAML/JSON, and flags given on the command line override the file.
 
 Where the defaults below come from (a starting point, not a tuned result):
-- GAM radii and weights: `GAMConfig`'s defaults, the authors' released CIFAR-100 ResNet values
-  (rho=0.2, rho'=0.02, alpha=0.6, beta=0.5, gamma=0.03), tuned for SGD over 200 epochs. Nothing shows they
-  suit AdamW fine-tuning of a ViT for a few epochs; sweep `--gam_grad_rho` (e.g. 0.005, 0.01, 0.02) with
-  `--gam_grad_norm_rho` scaled alike, on the held-out validation part of train, never on the test split.
+- GAM: `GAMConfig`'s defaults for AdamW: the released radii (rho=0.2, rho'=0.02) and weights (alpha=0.6,
+  beta=0.5, gamma=0.03) in the last quarter of the steps, radii ramping up from 0 (`gam_start=0.75`,
+  `gam_rho_schedule=linear`), the setting that did not lose to AdamW on the package's benchmark
+  (docs/RESULTS.md). Sweep `--gam_grad_rho` and `--gam_grad_norm_rho` on the held-out validation part of
+  train, never on the test split.
 - Optimizer: the Trainer's default AdamW (`adamw_torch_fused`) at the Trainer's default learning rate 5e-5,
   cosine decay with 5% warmup, gradient clipping at norm 1 (clipping and cosine decay follow the ViT paper's
   fine-tuning setup, Dosovitskiy et al. 2021, which used SGD with momentum instead of AdamW).

@@ -48,25 +48,29 @@ def test_generalization_quick_runs_every_regime_and_counts_passes(tmp_path, caps
     recipe too; the counted forward passes are exactly 2x and 4x AdamW's for SAM, AdamW 2x and GAM."""
     path = tmp_path / "gen.json"
     generalization.main([
-        "--quick", "--regimes", "underfit,finetune", "--arms", "adamw_2x,gam_default", "--arm", "sam_lr=gam_method=sam,gam_grad_rho=0.05,gam_rho_schedule=lr",
+        "--quick", "--regimes", "underfit,finetune", "--arms", "adamw_2x,gam_default", "--arm", "sam_lr=gam_method=sam,gam_grad_rho=0.05,gam_rho_schedule=lr,gam_start=0.0",
+        "--arm", "gam_full=gam_start=0.0,gam_rho_schedule=constant",
         "--json", str(path),
     ])
     out = capsys.readouterr().out
     saved = json.loads(path.read_text())
     runs = saved["runs"]
     regimes = ["underfit", "finetune"]
-    arms = ["adamw", "adamw_2x", "gam_default", "sam_lr"]
+    arms = ["adamw", "adamw_2x", "gam_default", "sam_lr", "gam_full"]
     assert sorted((r["regime"], r["arm"]) for r in runs) == sorted((g, a) for g in regimes for a in arms)
     for regime in regimes:
         rows = {r["arm"]: r for r in runs if r["regime"] == regime}
         assert rows["adamw"]["examples"] > 0
         ratios = {a: rows[a]["examples"] / rows["adamw"]["examples"] for a in arms}
-        assert ratios == {"adamw": 1.0, "adamw_2x": 2.0, "gam_default": 4.0, "sam_lr": 2.0}, regime
+        # The defaults run stock steps for the first 75% of the steps, GAM's 4 passes after.
+        assert 1.0 < ratios.pop("gam_default") < 4.0, regime
+        assert ratios == {"adamw": 1.0, "adamw_2x": 2.0, "sam_lr": 2.0, "gam_full": 4.0}, regime
         for r in rows.values():
             assert all(0.0 <= r[k] <= 1.0 for k in ("train", "val", "test")) and math.isfinite(r["eig"])
             assert r["seconds"] > 0
         assert f"### {regime}" in out
-    assert saved["arms"]["sam_lr"] == {"gam_method": "sam", "gam_grad_rho": 0.05, "gam_rho_schedule": "lr"}
+    assert saved["arms"]["sam_lr"] == {"gam_method": "sam", "gam_grad_rho": 0.05, "gam_rho_schedule": "lr",
+                                       "gam_start": 0.0}
     # The tables can be re-made from the saved numbers alone.
     capsys.readouterr()
     generalization.main(["--tables", str(path)])

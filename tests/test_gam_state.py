@@ -321,3 +321,17 @@ def test_training_step_reads_no_device_value_with_a_loss_scaler(tmp_path, monkey
     count = counter.count
     monkeypatch.undo()
     assert count == 0
+
+
+def test_inner_products_are_exact_across_chunks(monkeypatch):
+    """Tensors longer than a chunk are converted to float64 a piece at a time; the sums are unchanged."""
+    import hf_gam.gam
+
+    torch.manual_seed(0)
+    a = [torch.randn(1000), torch.randn(7, 3)]
+    b = [torch.randn(1000), torch.randn(7, 3)]
+    exact = sum((x.double() * y.double()).sum() for x, y in zip(a, b))
+    weighted = sum(((x.double() * y.double().abs()) ** 2).sum() for x, y in zip(a, b)).sqrt()
+    monkeypatch.setattr(hf_gam.gam, "CHUNK", 64)
+    assert global_dot(a, b).item() == pytest.approx(exact.item(), rel=1e-12)
+    assert weighted_norm(a, b).item() == pytest.approx(weighted.item(), rel=1e-12)

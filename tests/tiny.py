@@ -53,8 +53,11 @@ def batch_of(data, start, size):
 
 
 def sgd_args(output_dir, **overrides):
-    """SGD with learning rate 1, no clipping, deterministic batches: a step moves theta by exactly -d."""
+    """SGD with learning rate 1, no clipping, deterministic batches: a step moves theta by exactly -d. GAM runs at
+    every step with constant radii (not the defaults' late start and linear ramp), unless overridden."""
     values = dict(
+        gam_start=0.0,
+        gam_rho_schedule="constant",
         output_dir=str(output_dir),
         per_device_train_batch_size=8,
         max_steps=1,
