@@ -52,7 +52,8 @@ class StepRecorder(TrainerCallback):
 def args_for(out, cpu, **overrides):
     values = dict(output_dir=out, per_device_train_batch_size=32, max_steps=8, learning_rate=1e-3,
                   max_grad_norm=1.0, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-                  remove_unused_columns=False, use_cpu=cpu, seed=0, dataloader_num_workers=0)
+                  remove_unused_columns=False, use_cpu=cpu, seed=0, dataloader_num_workers=0,
+                  gam_start=0.0, gam_rho_schedule="constant")  # GAM from the first step
     values.update(overrides)
     return GAMConfig(**values)
 

@@ -224,8 +224,9 @@ class GAMMixin:
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """The stock Trainer's rule: is the loss already normalised for gradient accumulation?"""
-        if self.loss_is_scaled_for_ga is not None:
-            return self.loss_is_scaled_for_ga
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)  # a Trainer attribute since Transformers 5.2x
+        if scaled is not None:
+            return scaled
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
     def _gam_units(self, inputs: dict[str, Any], num_items_in_batch) -> torch.Tensor | float:
