@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-timeout 90 "$PY" benchmarks/gpu_check.py
+status=0
+timeout 90 "$PY" benchmarks/gpu_check.py || status=1
 # Step time (interleaved, ratios to the stock Trainer) and peak memory (max_memory_allocated) on the GPU.
-timeout 300 "$PY" benchmarks/step_cost.py --setting gpu --no-collectives
-timeout 60 "$PY" -m pytest -q tests/test_mixed_precision.py
+timeout 300 "$PY" benchmarks/step_cost.py --setting gpu --no-collectives || status=1
+timeout 60 "$PY" -m pytest -q tests/test_mixed_precision.py || status=1
+exit $status
