@@ -85,6 +85,7 @@ ARMS = {
     # The package's settings as they are: over a 10-step run with 2 steps dropped, steps 8-9 run GAM (gam_start
     # 0.75), so the measured window holds the same quarter of GAM steps as any run.
     "GAMConfig() defaults": dict(),
+    "defaults, interval 2": dict(gam_interval=2),
     "CHEAP_GAM": "CHEAP_GAM",
 }
 SETTINGS = {
@@ -94,6 +95,8 @@ SETTINGS = {
     "quick": dict(image=16, patch=4, hidden=32, layers=1, batch=16, rounds=2, steps=9, drop=1),
     # For a CUDA GPU (`benchmarks/gpu_check.sh`): a ViT-S/16-sized model at 224 px.
     "gpu": dict(image=224, patch=16, hidden=384, layers=6, batch=64, rounds=5, steps=10, drop=2),
+    # A ViT-B/16-sized model, to see which costs follow the compute and which the number of passes.
+    "gpu_large": dict(image=224, patch=16, hidden=768, layers=12, batch=96, rounds=3, steps=10, drop=2),
 }
 
 
@@ -327,12 +330,13 @@ def count_collectives(setting: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def run(setting: str = "full", collectives: bool = True, threads: int = 1) -> dict:
+def run(setting: str = "full", collectives: bool = True, threads: int = 1, names: list[str] | None = None) -> dict:
     torch.set_num_threads(threads)
     s = SETTINGS[setting]
+    arms = ARMS if names is None else {"stock Trainer": ARMS["stock Trainer"], **{n: ARMS[n] for n in names}}
     with tempfile.TemporaryDirectory() as out_dir:
-        timing = time_arms(s, ARMS, out_dir)
-        memory = memory_arms(s, ARMS, out_dir)
+        timing = time_arms(s, arms, out_dir)
+        memory = memory_arms(s, arms, out_dir)
     counts = count_collectives(setting) if collectives else None
     return {"setting": setting, "params": sum(p.numel() for p in make_model(s).parameters()), "timing": timing,
             "memory": memory, "collectives": counts, "threads": threads}
@@ -375,6 +379,8 @@ def main(argv=None):
     parser.add_argument("--setting", choices=list(SETTINGS), default=None)
     parser.add_argument("--no-collectives", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--arms", default=None, help="';'-separated arm names (default: all); the stock Trainer is "
+                        f"always measured. Arms: {'; '.join(ARMS)}")
     parser.add_argument("--worker-collectives", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     setting = args.setting or ("quick" if args.quick else "full")
@@ -382,7 +388,13 @@ def main(argv=None):
         torch.set_num_threads(1)
         collectives_worker(setting, args.worker_collectives)
         return None
-    result = run(setting, collectives=not args.no_collectives, threads=args.threads)
+    names = None
+    if args.arms:
+        names = [n for n in args.arms.split(";") if n != "stock Trainer"]
+        unknown = [n for n in names if n not in ARMS]
+        if unknown:
+            parser.error(f"unknown arm(s) {unknown}; known: {list(ARMS)}")
+    result = run(setting, collectives=not args.no_collectives, threads=args.threads, names=names)
     print(markdown(result))
     return result
 
