@@ -81,6 +81,16 @@ def gam_settings(args: Any) -> dict[str, str]:
     return rows
 
 
+def named_setting(args: Any) -> str | None:
+    """The package's ready setting (`hf_gam.CHEAP_GAM`, `hf_gam.RELEASED_GAM`) whose every value the run has, if any."""
+    from .config import CHEAP_GAM, RELEASED_GAM
+
+    for name, setting in (("hf_gam.CHEAP_GAM", CHEAP_GAM), ("hf_gam.RELEASED_GAM", RELEASED_GAM)):
+        if all(getattr(args, key, None) == value for key, value in setting.items()):
+            return name
+    return None
+
+
 def render_gam_section(args: Any) -> str:
     """The Markdown section (with its begin/end markers) describing the GAM run configured by `args`."""
     method = str(getattr(args, "gam_method", "gam"))
@@ -94,6 +104,11 @@ def render_gam_section(args: Any) -> str:
         "The base optimizer below applies the direction GAM computes as its gradient, with its own",
         "learning rate, schedule and weight decay.",
         "",
+    ]
+    setting = named_setting(args) if method != "none" else None
+    if setting is not None:
+        lines += [f"GAM setting: `{setting}` (its values are in the table).", ""]
+    lines += [
         "| setting | value |",
         "|---|---|",
     ]

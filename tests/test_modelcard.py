@@ -104,3 +104,15 @@ def test_section_on_the_stock_trainer_card(tmp_path):
     assert {"gam", "sharpness-aware", "image-classification"} <= set(card.data.tags)
     assert read_gam_section(card.text)["gam_method"] == "sam"
     assert SECRET not in open(readme, encoding="utf-8").read()
+
+
+@pytest.mark.parametrize("setting, name", [("CHEAP_GAM", "hf_gam.CHEAP_GAM"), ("RELEASED_GAM", "hf_gam.RELEASED_GAM")])
+def test_section_names_the_ready_setting_used(tmp_path, setting, name):
+    import hf_gam
+
+    values = getattr(hf_gam, setting)
+    card = render_gam_section(GAMConfig(output_dir=str(tmp_path), use_cpu=True, **values))
+    assert f"GAM setting: `{name}`" in card
+    assert all(read_gam_section(card)[key] == str(value) for key, value in values.items())
+    assert "GAM setting" not in render_gam_section(GAMConfig(output_dir=str(tmp_path), use_cpu=True))
+    assert "GAM setting" not in render_gam_section(make_args(tmp_path))
