@@ -36,6 +36,15 @@ def train(model, data, tmp_path, **overrides):
     return recorder, trainer
 
 
+def twin_models():
+    """Two tiny classifiers with the same weights."""
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    twin = TinyClassifier()
+    twin.load_state_dict(model.state_dict())
+    return model, twin
+
+
 def reuse_direction(gradient, theta, correction):
     g = gradient(theta)
     return g + g.norm() * correction
@@ -93,10 +102,7 @@ def test_reuse_under_gradient_accumulation(tmp_path):
 
 
 def test_late_start_runs_stock_steps_first(tmp_path):
-    torch.manual_seed(0)
-    model = TinyClassifier()
-    stock = TinyClassifier()
-    stock.load_state_dict(model.state_dict())
+    model, stock = twin_models()
     data = make_data()
     recorder, _ = train(model, data, tmp_path, max_steps=4, gam_start=0.5)
     stock_recorder, _ = train(stock, data, tmp_path, max_steps=2, gam_method="none")
@@ -225,10 +231,7 @@ def test_batch_fraction_moves_running_statistics_once_and_leaves_the_stock_rando
 
 
 def test_batch_fraction_of_one_is_full_gam(tmp_path):
-    torch.manual_seed(0)
-    model = TinyClassifier()
-    plain = TinyClassifier()
-    plain.load_state_dict(model.state_dict())
+    model, plain = twin_models()
     data = make_data()
     train(model, data, tmp_path, gam_batch_fraction=1.0)
     train(plain, data, tmp_path)
