@@ -466,9 +466,12 @@ def run(s: dict, arms: dict[str, dict], log=print) -> dict:
 
 
 def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): mean +- t_{(1+confidence)/2, n-1} * sd / sqrt(n); low = high = nan for n < 2."""
+    """(mean, low, high): mean +- t_{(1+confidence)/2, n-1} * sd / sqrt(n); low = high = nan for n < 2, and all
+    three nan when a value is (a log ratio of a negative eigenvalue)."""
     from scipy.stats import t
 
+    if not all(math.isfinite(v) for v in values):
+        return math.nan, math.nan, math.nan
     mean = statistics.mean(values)
     if len(values) < 2:
         return mean, math.nan, math.nan

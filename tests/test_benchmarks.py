@@ -116,6 +116,8 @@ def test_paired_t_interval_matches_a_hand_computed_value():
     assert mean == 2.5
     assert low == pytest.approx(2.5 - 2.05426, abs=1e-5) and high == pytest.approx(2.5 + 2.05426, abs=1e-5)
     assert all(math.isnan(v) for v in generalization.t_interval([0.3])[1:])
+    # A negative eigenvalue has no log ratio: the interval is nan, not an error that loses the whole table.
+    assert all(math.isnan(v) for v in generalization.t_interval([0.1, math.nan, 0.2]))
     arm = [{"seed": 0, "test": 0.9}, {"seed": 1, "test": 0.7}, {"seed": 5, "test": 0.1}]
     adamw = [{"seed": 1, "test": 0.5}, {"seed": 0, "test": 0.8}]
     diffs = generalization.paired(arm, adamw, lambda r, a: r["test"] - a["test"])
