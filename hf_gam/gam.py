@@ -12,7 +12,8 @@ parameters back at theta, bit for bit. In the symbols of the paper:
     h- = g0 + (1 - beta) g2          ("released")  or  beta g0 + (1 - beta) g2  ("paper")
     d  = h+ - gamma (h- - <h-, h+> / ||h+||^2 h+)
 
-Work memory: three parameter-sized buffers (theta, h-, alpha * g1), allocated on first use and reused.
+Work memory: three parameter-sized buffers (theta, h-, alpha * g1), allocated on first use and reused, and a
+fourth (the stored correction) for the cheaper modes: reuse steps and passes on part of the micro-batch.
 The parameters themselves serve as scratch space for h0 while they do not hold theta.
 """
 
@@ -77,7 +78,6 @@ class GAMStats:
     dropped: bool = False  # the micro-batch's gradient was dropped (non-finite, no loss scaler)
     collectives: int = 0  # gradient all-reduces this micro-batch issued
     passes: int = 0  # forward/backward passes run
-    reused: bool = False  # one pass plus the stored correction (see `GAMStep.run`)
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -529,7 +529,6 @@ class GAMStep:
 
     def _reuse_pass(self, forward_backward, stats: GAMStats, index: list[int], reduce, data_parallel) -> None:
         """One pass: d = g0 + ||g0|| * stored correction (for the parameters the correction was stored for)."""
-        stats.reused = True
         stats.loss = forward_backward(0)
         g = self._gradients(0, index, stats, data_parallel, free_buffer="theta")
         stats.grad_norm = global_norm(g, reduce)
@@ -552,7 +551,6 @@ class GAMStep:
             p.grad = None
         rng_start.restore()  # the whole-batch pass draws what the stock step would
         self._reuse_pass(forward_backward, stats, index, reduce, data_parallel)
-        stats.reused = False
         stats.flatness, stats.cos = part.flatness, part.cos
         stats.failed = stats.failed | part.failed
         stats.passes += part.passes
