@@ -210,23 +210,25 @@ def weighted_norm(direction: Sequence[Tensor], weights: Sequence[Tensor], reduce
     return _total(parts, reduce).sqrt()
 
 
+def _by_device(*lists: Sequence[Tensor]) -> dict[torch.device, tuple[list[Tensor], ...]]:
+    """The parallel `lists` split by the device of the first list's tensors: device -> one sub-list per list."""
+    groups: dict[torch.device, tuple[list[Tensor], ...]] = {}
+    for items in zip(*lists):
+        group = groups.setdefault(items[0].device, tuple([] for _ in lists))
+        for sub, item in zip(group, items):
+            sub.append(item)
+    return groups
+
+
 def scale_(tensors: Sequence[Tensor], factor: Tensor) -> None:
     """tensors *= factor, in place, with `factor` a 0-dim tensor (no host synchronisation)."""
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
-    for device, group in by_device.items():
+    for device, (group,) in _by_device(tensors).items():
         torch._foreach_mul_(group, factor.to(device=device, dtype=group[0].dtype))
 
 
 def add_scaled_(tensors: Sequence[Tensor], others: Sequence[Tensor], factor: Tensor) -> None:
     """tensors += factor * others, in place, with `factor` a 0-dim tensor (broadcast views of it: no temporary)."""
-    by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
-    for t, o in zip(tensors, others):
-        group = by_device.setdefault(t.device, ([], []))
-        group[0].append(t)
-        group[1].append(o)
-    for device, (ts, os_) in by_device.items():
+    for device, (ts, os_) in _by_device(tensors, others).items():
         scalar = factor.to(device=device, dtype=ts[0].dtype)
         torch._foreach_addcmul_(ts, os_, [scalar.expand_as(o) for o in os_])
 
