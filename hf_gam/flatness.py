@@ -46,6 +46,7 @@ __all__ = [
     "FlatnessCallback",
     "as_batches",
     "batch_size",
+    "checkpoint_examples",
     "chunked_loss_terms",
     "digits_examples",
     "first_order_flatness",
@@ -54,6 +55,7 @@ __all__ = [
     "measure_flatness",
     "model_loss_fn",
     "slice_batch",
+    "take_examples",
     "top_hessian_eigenvalue",
 ]
 
@@ -456,7 +458,57 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     TrainerCallback = object
 
 
-class FlatnessCallback(TrainerCallback):
+def take_examples(dataloader, num_examples: int | None, owner: str) -> list:
+    """The first `num_examples` examples of `dataloader` (all of them if `None`), as a list of batches kept on the
+    CPU; a warning names `owner` when the dataloader has fewer."""
+    batches, count = [], 0
+    for batch in dataloader:
+        n = batch_size(batch)
+        if num_examples is not None:
+            n = min(n, num_examples - count)
+            batch = slice_batch(batch, 0, n)
+        batches.append(_to_device(batch, "cpu"))
+        count += n
+        if num_examples is not None and count >= num_examples:
+            break
+    if count == 0:
+        raise ValueError(f"{owner}: the evaluation dataloader gave no examples.")
+    if num_examples is not None and count < num_examples:
+        logger.warning(
+            f"{owner}: the evaluation set has {count} examples (on this process), fewer than "
+            f"num_examples={num_examples}; measuring on those {count}."
+        )
+    return batches
+
+
+class BoundCallback(TrainerCallback):
+    """A callback that logs what it measures through the trainer it is bound to (`attach` or `bind`); unbound, it
+    appends its logs to `state.log_history`."""
+
+    trainer = None
+
+    @classmethod
+    def attach(cls, trainer, **kwargs):
+        """Create a callback, bind it to `trainer` and add it to the trainer's callbacks."""
+        callback = cls(**kwargs)
+        callback.bind(trainer)
+        trainer.add_callback(callback)
+        return callback
+
+    def bind(self, trainer) -> None:
+        self.trainer = trainer
+
+    def publish(self, logs: dict, state, metrics: dict | None = None) -> None:
+        """Add `logs` to the evaluation's `metrics` (if any) and log them."""
+        if metrics is not None:
+            metrics.update(logs)
+        if self.trainer is not None:
+            self.trainer.log(dict(logs))
+        else:
+            state.log_history.append({**logs, "epoch": state.epoch, "step": state.global_step})
+
+
+class FlatnessCallback(BoundCallback):
     """Measure flatness at every evaluation and log it with the Trainer's logs as `flatness/*`.
 
     The examples are `batch` if given, else the first `num_examples` examples of the evaluation dataloader,
@@ -480,39 +532,6 @@ class FlatnessCallback(TrainerCallback):
         self.chunk_size = chunk_size
         self.kwargs = measure_kwargs
         self.prefix = prefix
-        self.trainer = None
-
-    @classmethod
-    def attach(cls, trainer, **kwargs) -> "FlatnessCallback":
-        """Create a callback, bind it to `trainer` and add it to the trainer's callbacks."""
-        callback = cls(**kwargs)
-        callback.bind(trainer)
-        trainer.add_callback(callback)
-        return callback
-
-    def bind(self, trainer) -> None:
-        self.trainer = trainer
-
-    def _take_examples(self, eval_dataloader) -> list:
-        """The first `num_examples` examples of the dataloader, as a list of batches kept on the CPU."""
-        batches, count = [], 0
-        for batch in eval_dataloader:
-            n = batch_size(batch)
-            if self.num_examples is not None:
-                n = min(n, self.num_examples - count)
-                batch = slice_batch(batch, 0, n)
-            batches.append(_to_device(batch, "cpu"))
-            count += n
-            if self.num_examples is not None and count >= self.num_examples:
-                break
-        if count == 0:
-            raise ValueError("FlatnessCallback: the evaluation dataloader gave no examples.")
-        if self.num_examples is not None and count < self.num_examples:
-            logger.warning(
-                f"FlatnessCallback: the evaluation set has {count} examples (on this process), fewer than "
-                f"num_examples={self.num_examples}; flatness is measured on those {count}."
-            )
-        return batches
 
     def measure(self, model) -> dict:
         values = measure_flatness(model, self.batch, chunk_size=self.chunk_size, **self.kwargs)
@@ -523,14 +542,8 @@ class FlatnessCallback(TrainerCallback):
         if self.batch is None:
             if eval_dataloader is None:
                 raise ValueError("FlatnessCallback needs `batch=` or an evaluation dataloader.")
-            self.batch = self._take_examples(eval_dataloader)
-        logs = self.measure(model)
-        if metrics is not None:
-            metrics.update(logs)
-        if self.trainer is not None:
-            self.trainer.log(dict(logs))
-        else:
-            state.log_history.append({**logs, "epoch": state.epoch, "step": state.global_step})
+            self.batch = take_examples(eval_dataloader, self.num_examples, "FlatnessCallback")
+        self.publish(self.measure(model), state, metrics)
         return control
 
 
@@ -556,11 +569,17 @@ def digits_examples(split: str = "test", seed: int = 0) -> list[dict]:
     return [{"pixel_values": x[i].unsqueeze(0), "labels": int(y[i])} for i in chosen]
 
 
-def _imagefolder_examples(path: str, model) -> list[dict]:
-    """Images under `path/<label>/*` with the checkpoint's image processor (or a plain resize)."""
+def _imagefolder_examples(path: str, model, checkpoint: str | None = None) -> list[dict]:
+    """Images under `path/<label>/*`, labelled by the model's `label2id` (else by sorted folder name), prepared by the
+    checkpoint's image processor when it has one, else resized and scaled to [-1, 1]."""
     from PIL import Image
     import os
 
+    processor = None
+    if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, "preprocessor_config.json")):
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(checkpoint)
     labels = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
     label2id = getattr(model.config, "label2id", None) or {}
     size = getattr(model.config, "image_size", 224)
@@ -569,10 +588,28 @@ def _imagefolder_examples(path: str, model) -> list[dict]:
     for i, name in enumerate(labels):
         folder = os.path.join(path, name)
         for f in sorted(os.listdir(folder)):
-            img = Image.open(os.path.join(folder, f)).convert("L" if channels == 1 else "RGB").resize((size, size))
-            x = torch.tensor(list(img.getdata()), dtype=torch.float32).view(size, size, channels).permute(2, 0, 1)
-            examples.append({"pixel_values": x / 127.5 - 1.0, "labels": int(label2id.get(name, i))})
+            img = Image.open(os.path.join(folder, f)).convert("L" if channels == 1 else "RGB")
+            if processor is not None:
+                x = processor(img, return_tensors="pt")["pixel_values"][0]
+            else:
+                img = img.resize((size, size))
+                x = torch.tensor(list(img.getdata()), dtype=torch.float32).view(size, size, channels).permute(2, 0, 1)
+                x = x / 127.5 - 1.0
+            examples.append({"pixel_values": x, "labels": int(label2id.get(name, i))})
     return examples
+
+
+def checkpoint_examples(checkpoint: str, model, data: str, split: str, num_examples: int) -> dict:
+    """One batch of at most `num_examples` labelled examples for measuring the checkpoint `model` was loaded from:
+    `data="digits"`, the bundled digits' `split` (scaled to [-1, 1], repeated over the model's channels), or an
+    imagefolder path (see `_imagefolder_examples`)."""
+    if data == "digits":
+        examples = digits_examples(split)[:num_examples]
+        channels = getattr(model.config, "num_channels", 1)
+        examples = [{**e, "pixel_values": e["pixel_values"].expand(channels, -1, -1)} for e in examples]
+    else:
+        examples = _imagefolder_examples(data, model, checkpoint)[:num_examples]
+    return _stack(examples)
 
 
 def _stack(examples: list[dict]) -> dict:
@@ -604,8 +641,7 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForImageClassification
 
     model = AutoModelForImageClassification.from_pretrained(args.checkpoint)
-    examples = digits_examples(args.split) if args.data == "digits" else _imagefolder_examples(args.data, model)
-    batch = _stack(examples[: args.num_examples])
+    batch = checkpoint_examples(args.checkpoint, model, args.data, args.split, args.num_examples)
     result = measure_flatness(
         model, batch, eig_iters=args.eig_iters, trace_samples=args.trace_samples, rho=args.rho,
         ascent_steps=args.ascent_steps, seed=args.seed, chunk_size=args.chunk_size,

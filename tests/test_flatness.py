@@ -238,16 +238,15 @@ def test_callback_under_gam_trainer_measures_num_examples_across_eval_batches(tm
 def test_callback_takes_fewer_examples_when_the_eval_set_is_smaller(caplog):
     from torch.utils.data import DataLoader
 
-    from hf_gam.flatness import _stack, digits_examples
+    from hf_gam.flatness import _stack, digits_examples, take_examples
 
     data = digits_examples("validation")[:13]
-    callback = FlatnessCallback(num_examples=50)
     with caplog.at_level("WARNING", logger="hf_gam.flatness"):
-        batches = callback._take_examples(DataLoader(data, batch_size=5, collate_fn=_stack))
+        batches = take_examples(DataLoader(data, batch_size=5, collate_fn=_stack), 50, "FlatnessCallback")
     assert [b["labels"].shape[0] for b in batches] == [5, 5, 3]
-    assert "has 13 examples" in caplog.text and "num_examples=50" in caplog.text
-    assert [b["labels"].shape[0] for b in FlatnessCallback(num_examples=7)._take_examples(
-        DataLoader(data, batch_size=5, collate_fn=_stack))] == [5, 2]
+    assert "FlatnessCallback" in caplog.text and "has 13 examples" in caplog.text and "num_examples=50" in caplog.text
+    assert [b["labels"].shape[0] for b in take_examples(
+        DataLoader(data, batch_size=5, collate_fn=_stack), 7, "FlatnessCallback")] == [5, 2]
 
 
 def test_cli_on_a_saved_checkpoint(tmp_path):

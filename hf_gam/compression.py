@@ -1,0 +1,439 @@
+"""Accuracy of a model after compression: low-bit weights, int8 dynamic quantization, pruning and weight noise.
+
+Flat minima are meant to buy something a user can deploy: a model that keeps its accuracy when its weights are
+rounded, pruned or perturbed. This module measures that. Every compression runs on a deep copy of the model, so the
+trained weights, their gradients and the global random state are never touched.
+
+Compressions (`Compression`, named by `Compression.parse`):
+* `rtn:B` (`weights_Bbit`): weight-only round-to-nearest quantization of every `nn.Linear` and `nn.Conv*d` weight
+  to B bits, one scale and one integer zero point per output channel (asymmetric min-max over the channel, with 0
+  inside the range): `q = clamp(round(w / s) + z, 0, 2^B - 1)`, `w' = s (q - z)`, `s = (max - min) / (2^B - 1)`,
+  `z = round(-min / s)`. Biases and normalization layers stay in floating point.
+* `int8_dynamic` (`int8_dynamic`): `torch.ao.quantization.quantize_dynamic` with `qint8` on every `nn.Linear`, the
+  CPU deployment path of PyTorch (int8 weights, activations quantized on the fly). It runs on the CPU; convolutions
+  stay in floating point (dynamic quantization has no convolution kernel).
+* `prune:F` (`pruned_P`, P = 100 F): global magnitude pruning with `torch.nn.utils.prune.global_unstructured`: the
+  fraction F of all `nn.Linear` and `nn.Conv*d` weights with the smallest magnitude, counted over all of them
+  together, set to zero.
+* `noise:S` (`noise_S`): Gaussian weight noise, each `nn.Linear`/`nn.Conv*d` weight tensor W gets
+  W + S rms(W) e with e ~ N(0, 1); the accuracy is the mean over `noise_draws` draws of a seeded generator.
+
+`compression_report(model, batches)` returns `{"baseline": accuracy, name: accuracy after compression, ...}`;
+`CompressionCallback` logs it as `compression/*` at the end of training or at every evaluation, on a bounded
+number of evaluation examples; `python -m hf_gam.compression CHECKPOINT` measures a saved checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_COMPRESSIONS",
+    "Compression",
+    "CompressionCallback",
+    "accuracy",
+    "add_weight_noise",
+    "compressible_modules",
+    "compression_report",
+    "format_table",
+    "prune_global_magnitude",
+    "quantize_dynamic_int8",
+    "quantize_weights_rtn",
+]
+
+_COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def compressible_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`(name, module)` of every `nn.Linear` and `nn.Conv1d/2d/3d` of `model` (the layers whose weights are compressed)."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, _COMPRESSIBLE)]
+
+
+def _weights(model: nn.Module) -> list[nn.Module]:
+    modules = [module for _, module in compressible_modules(model)]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv layer to compress.")
+    return modules
+
+
+# --------------------------------------------------------------------------------------------------
+# The compressions, each in place on the model it is given (`Compression.apply` hands them a copy)
+
+
+@torch.no_grad()
+def quantize_weights_rtn(model: nn.Module, bits: int) -> nn.Module:
+    """Round every Linear/Conv weight of `model` to `bits` bits, per output channel, in place; returns `model`.
+
+    Per output channel c (row c of the weight flattened to `(out_channels, -1)`): `lo = min(0, min w)`,
+    `hi = max(0, max w)`, `s = (hi - lo) / (2^bits - 1)` (1 for an all-zero channel), `z = round(-lo / s)`,
+    `w' = s (clamp(round(w / s) + z, 0, 2^bits - 1) - z)`. Computed in float32 (float64 for float64 weights).
+    """
+    if not (isinstance(bits, int) and 1 <= bits <= 16):
+        raise ValueError(f"bits must be an integer in [1, 16]; got {bits!r}.")
+    levels = 2**bits - 1
+    for module in _weights(model):
+        weight = module.weight
+        w = weight.detach().flatten(1).to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        lo = w.min(dim=1, keepdim=True).values.clamp(max=0)
+        hi = w.max(dim=1, keepdim=True).values.clamp(min=0)
+        scale = (hi - lo) / levels
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.round(-lo / scale)
+        q = torch.clamp(torch.round(w / scale) + zero, 0, levels)
+        weight.copy_(((q - zero) * scale).view_as(weight).to(weight.dtype))
+    return model
+
+
+@torch.no_grad()
+def prune_global_magnitude(model: nn.Module, fraction: float) -> nn.Module:
+    """Zero the `fraction` of all Linear/Conv weights of `model` with the smallest magnitude (counted over all those
+    layers together: `torch.nn.utils.prune.global_unstructured` with `L1Unstructured`), in place and permanently
+    (`prune.remove`: no mask or hook is left); returns `model`."""
+    from torch.nn.utils import prune
+
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"The pruned fraction must lie in [0, 1]; got {fraction!r}.")
+    targets = [(module, "weight") for module in _weights(model)]
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=float(fraction))
+    for module, name in targets:
+        prune.remove(module, name)
+    return model
+
+
+@torch.no_grad()
+def add_weight_noise(model: nn.Module, std: float, generator: torch.Generator) -> nn.Module:
+    """Add `std * rms(W) * e`, e ~ N(0, 1) drawn from `generator` (on the CPU), to every Linear/Conv weight W of
+    `model`, in place; returns `model`."""
+    if not std >= 0:
+        raise ValueError(f"The noise level must be a non-negative number; got {std!r}.")
+    for module in _weights(model):
+        weight = module.weight
+        rms = weight.detach().double().pow(2).mean().sqrt()
+        noise = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
+        weight.add_((noise * (std * rms.cpu())).to(weight.device, weight.dtype))
+    return model
+
+
+def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
+    """`torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)` on the CPU, in place: int8
+    weights with per-tensor scales, activations quantized at run time; returns the quantized model."""
+    from torch.ao.quantization import quantize_dynamic
+
+    if not any(isinstance(module, nn.Linear) for module in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer for int8 dynamic quantization.")
+    with warnings.catch_warnings():  # torch announces that eager-mode quantization moves to torchao
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_dynamic(model.float().cpu(), {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+@dataclass(frozen=True)
+class Compression:
+    """One compression: `kind` is "rtn" (bits), "int8_dynamic", "prune" (fraction) or "noise" (relative std)."""
+
+    kind: str
+    level: float | None = None
+
+    KINDS = ("rtn", "int8_dynamic", "prune", "noise")
+
+    def __post_init__(self):
+        if self.kind not in self.KINDS:
+            raise ValueError(f"Unknown compression {self.kind!r}; known: {', '.join(self.KINDS)}.")
+        if (self.level is None) != (self.kind == "int8_dynamic"):
+            raise ValueError(f"Compression {self.kind!r} " + ("takes no level." if self.kind == "int8_dynamic"
+                                                              else "needs a level, e.g. 'prune:0.9'."))
+        if self.kind == "rtn" and not (float(self.level).is_integer() and 1 <= self.level <= 16):
+            raise ValueError(f"rtn needs a whole number of bits in [1, 16]; got {self.level!r}.")
+        if self.kind == "prune" and not 0.0 <= self.level <= 1.0:
+            raise ValueError(f"prune needs a fraction in [0, 1]; got {self.level!r}.")
+        if self.kind == "noise" and not self.level >= 0:
+            raise ValueError(f"noise needs a non-negative relative standard deviation; got {self.level!r}.")
+
+    @classmethod
+    def parse(cls, text: str) -> "Compression":
+        """'rtn:4', 'int8_dynamic', 'prune:0.9', 'noise:0.1'."""
+        kind, _, level = text.strip().partition(":")
+        try:
+            value = float(level) if level else None
+        except ValueError:
+            raise ValueError(f"Cannot read the level of compression {text!r}.") from None
+        return cls(kind, value)
+
+    @property
+    def name(self) -> str:
+        """The key of its accuracy in a report: weights_4bit, int8_dynamic, pruned_90, noise_0.1."""
+        if self.kind == "rtn":
+            return f"weights_{int(self.level)}bit"
+        if self.kind == "prune":
+            return f"pruned_{100 * self.level:g}"
+        if self.kind == "noise":
+            return f"noise_{self.level:g}"
+        return self.kind
+
+    @property
+    def description(self) -> str:
+        if self.kind == "rtn":
+            return f"{int(self.level)}-bit weights (round-to-nearest, per channel)"
+        if self.kind == "prune":
+            return f"{100 * self.level:g}% of weights pruned (global magnitude)"
+        if self.kind == "noise":
+            return f"Gaussian weight noise, {self.level:g} x rms"
+        return "int8 dynamic quantization (torch.ao, CPU)"
+
+    def apply(self, model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+        """A compressed deep copy of `model` in evaluation mode; `model` itself is left as it was."""
+        compressed = copy.deepcopy(_unwrap(model)).eval()
+        if self.kind == "rtn":
+            return quantize_weights_rtn(compressed, int(self.level))
+        if self.kind == "prune":
+            return prune_global_magnitude(compressed, self.level)
+        if self.kind == "noise":
+            return add_weight_noise(compressed, self.level, generator or torch.Generator().manual_seed(0))
+        return quantize_dynamic_int8(compressed)
+
+
+DEFAULT_COMPRESSIONS: tuple[Compression, ...] = (
+    Compression("rtn", 8), Compression("rtn", 4), Compression("rtn", 3), Compression("rtn", 2),
+    Compression("int8_dynamic"),
+    Compression("prune", 0.5), Compression("prune", 0.7), Compression("prune", 0.9),
+    Compression("noise", 0.1), Compression("noise", 0.2),
+)
+"""What `compression_report` measures unless told otherwise."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    for parameter in model.parameters():
+        if type(parameter.data).__name__ == "DTensor":
+            raise NotImplementedError("Compression needs full (unsharded) parameters; FSDP is not supported.")
+    return getattr(model, "module", model)  # DDP / DataParallel
+
+
+def _logits(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else output[0]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], label_key: str = "labels") -> float:
+    """Top-1 accuracy of `model` (in evaluation mode) over `batches`: dicts of model inputs plus `label_key`.
+
+    Labels of -100 (padding) are not counted. The inputs are moved to the model's device.
+    """
+    was_training = model.training
+    model.eval()
+    device = _model_device(model)
+    correct = total = 0
+    try:
+        for batch in batches:
+            labels = batch[label_key].to(device)
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != label_key}
+            predictions = _logits(model(**inputs)).argmax(dim=-1)
+            keep = labels != -100
+            correct += int((predictions[keep] == labels[keep]).sum())
+            total += int(keep.sum())
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("No labelled example to measure accuracy on.")
+    return correct / total
+
+
+def compression_report(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    compressions: Sequence[Compression | str] = DEFAULT_COMPRESSIONS,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    noise_draws: int = 3,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Accuracy of `model` before and after each compression: `{"baseline": ..., "weights_4bit": ..., ...}`.
+
+    `batches` is a list of input dicts with `labels` (measured with `accuracy`), or `evaluate(model) -> float` is any
+    score of a model (higher is better). Each compression works on its own deep copy: `model`'s parameters,
+    buffers, gradients and training mode are left as they were, and the global random state is not used (weight
+    noise draws from a generator seeded with `seed`; its value is the mean over `noise_draws` draws).
+    """
+    if (batches is None) == (evaluate is None):
+        raise ValueError("Pass either `batches` (labelled input dicts) or `evaluate` (a function of the model).")
+    if evaluate is None:
+        batches = list(batches)
+
+        def evaluate(m: nn.Module) -> float:
+            return accuracy(m, batches)
+
+    compressions = [c if isinstance(c, Compression) else Compression.parse(c) for c in compressions]
+    report = {"baseline": evaluate(_unwrap(model))}
+    for compression in compressions:
+        if compression.kind == "noise":
+            generator = torch.Generator().manual_seed(seed)
+            scores = [evaluate(compression.apply(model, generator)) for _ in range(noise_draws)]
+            report[compression.name] = sum(scores) / len(scores)
+        else:
+            report[compression.name] = evaluate(compression.apply(model))
+    return report
+
+
+def format_table(reports: Mapping[str, Mapping[str, float]], compressions: Sequence[Compression | str] = ()) -> str:
+    """A Markdown table "Accuracy after compression": one row per measurement, one column per run in `reports`."""
+    named = {c.name: c.description for c in
+             (c if isinstance(c, Compression) else Compression.parse(c) for c in (compressions or DEFAULT_COMPRESSIONS))}
+    names = list(dict.fromkeys(key for report in reports.values() for key in report))
+    lines = ["| | " + " | ".join(reports) + " |", "|---|" + "---|" * len(reports)]
+    for key in names:
+        label = "no compression" if key == "baseline" else named.get(key, key)
+        cells = [f"{report[key]:.4f}" if key in report and not math.isnan(report[key]) else "" for report in reports.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean_over_ranks(report: dict[str, float], device: torch.device) -> dict[str, float]:
+    """`report` averaged over the ranks of `torch.distributed` (each rank measured its own examples)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return report
+    values = torch.tensor(list(report.values()), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(values)
+    values /= torch.distributed.get_world_size()
+    return dict(zip(report, values.tolist()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer callback
+
+from .flatness import BoundCallback  # noqa: E402  (after the functions, which need no transformers)
+
+
+class CompressionCallback(BoundCallback):
+    """Log the accuracy after each compression as `compression/<name>` (and `compression/baseline`).
+
+    `at="train_end"` (default) measures once, when training ends; `at="evaluate"` at every evaluation. The examples
+    are `batch` (one labelled batch or a list of them) if given, else the first `num_examples` examples of the
+    evaluation dataloader (per process; under data parallel the accuracies are averaged over ranks), taken once.
+    Every compression works on a copy: training goes on with bit-identical weights and random state.
+
+    Logging through the Trainer (console, TensorBoard, `state.log_history`) needs the trainer: use
+    `CompressionCallback.attach(trainer, ...)`. The reports are also kept in `callback.reports` as
+    `(global_step, report)` pairs.
+    """
+
+    def __init__(self, batch=None, num_examples: int | None = 512, at: str = "train_end",
+                 compressions: Sequence[Compression | str] = DEFAULT_COMPRESSIONS, noise_draws: int = 3, seed: int = 0,
+                 prefix: str = "compression/"):
+        if at not in ("train_end", "evaluate"):
+            raise ValueError(f"`at` must be 'train_end' or 'evaluate'; got {at!r}.")
+        self.batch = batch
+        self.num_examples = num_examples
+        self.at = at
+        self.compressions = [c if isinstance(c, Compression) else Compression.parse(c) for c in compressions]
+        self.noise_draws = noise_draws
+        self.seed = seed
+        self.prefix = prefix
+        self.reports: list[tuple[int, dict[str, float]]] = []
+
+    def measure(self, model: nn.Module) -> dict[str, float]:
+        """The report of `model` on the callback's examples, with the prefix, averaged over ranks."""
+        from .flatness import as_batches
+
+        report = compression_report(model, as_batches(self.batch), self.compressions, noise_draws=self.noise_draws,
+                                    seed=self.seed)
+        report = _mean_over_ranks(report, _model_device(model))
+        return {f"{self.prefix}{name}": value for name, value in report.items()}
+
+    def _examples(self, eval_dataloader) -> None:
+        from .flatness import take_examples
+
+        if self.batch is None:
+            if eval_dataloader is None and self.trainer is not None and self.trainer.eval_dataset is not None:
+                eval_dataloader = self.trainer.get_eval_dataloader()
+            if eval_dataloader is None:
+                raise ValueError("CompressionCallback needs `batch=`, an evaluation dataset, or `attach(trainer)`.")
+            self.batch = take_examples(eval_dataloader, self.num_examples, "CompressionCallback")
+
+    def _log(self, model, state, metrics=None) -> None:
+        logs = self.measure(model)
+        self.reports.append((state.global_step, logs))
+        self.publish(logs, state, metrics)
+
+    def on_evaluate(self, args, state, control, model=None, eval_dataloader=None, metrics=None, **kwargs):
+        if self.at == "evaluate":
+            self._examples(eval_dataloader)
+            self._log(model, state, metrics)
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.at == "train_end":
+            self._examples(None)
+            self._log(model, state)
+        return control
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m hf_gam.compression",
+        description="Accuracy of a saved image-classification checkpoint before and after compression (low-bit "
+        "weights, int8 dynamic quantization, global magnitude pruning, weight noise), each on a copy.",
+    )
+    parser.add_argument("checkpoint", help="directory written by save_pretrained / a Trainer checkpoint")
+    parser.add_argument("--data", default="digits",
+                        help="'digits' (scikit-learn, bundled) or an imagefolder path (<dir>/<class>/<image>)")
+    parser.add_argument("--split", default="test", help="digits split: train, validation or test")
+    parser.add_argument("--num-examples", type=int, default=1024, help="at most this many examples")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--compressions", default=",".join(c.kind if c.level is None else f"{c.kind}:{c.level:g}"
+                                                          for c in DEFAULT_COMPRESSIONS),
+                        help="comma-separated: rtn:BITS, int8_dynamic, prune:FRACTION, noise:STD")
+    parser.add_argument("--noise-draws", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the report to this file")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModelForImageClassification
+
+    from .flatness import checkpoint_examples, slice_batch
+
+    compressions = [Compression.parse(text) for text in args.compressions.split(",") if text.strip()]
+    model = AutoModelForImageClassification.from_pretrained(args.checkpoint)
+    batch = checkpoint_examples(args.checkpoint, model, args.data, args.split, args.num_examples)
+    n = len(batch["labels"])
+    batches = [slice_batch(batch, i, min(i + args.batch_size, n)) for i in range(0, n, args.batch_size)]
+    report = compression_report(model, batches, compressions, noise_draws=args.noise_draws, seed=args.seed)
+    print(f"{args.checkpoint}: {n} examples of {args.data}" + (f" ({args.split})" if args.data == "digits" else ""))
+    print(format_table({"accuracy": report}, compressions))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"checkpoint": args.checkpoint, "num_examples": n, **report}, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()
