@@ -82,12 +82,23 @@ def gam_settings(args: Any) -> dict[str, str]:
 
 
 def named_setting(args: Any) -> str | None:
-    """The package's ready setting (`hf_gam.CHEAP_GAM`, `hf_gam.RELEASED_GAM`) whose every value the run has, if any."""
-    from .config import CHEAP_GAM, RELEASED_GAM
+    """The ready setting the run used, as the card names it: `GAMConfig()`'s defaults (every `gam_*` value at its
+    default), else the most specific of `hf_gam.PRETRAIN_GAM`, `hf_gam.CHEAP_GAM`, `hf_gam.RELEASED_GAM` whose every
+    value the run has; `None` for any other setting."""
+    from dataclasses import fields as dataclass_fields
 
-    for name, setting in (("hf_gam.CHEAP_GAM", CHEAP_GAM), ("hf_gam.RELEASED_GAM", RELEASED_GAM)):
+    from .config import CHEAP_GAM, PRETRAIN_GAM, RELEASED_GAM, GAMConfig
+
+    defaults = {f.name: f.default for f in dataclass_fields(GAMConfig) if f.name.startswith("gam_")}
+    if all(getattr(args, name, None) == value for name, value in defaults.items()):
+        same = all(defaults[key] == value for key, value in RELEASED_GAM.items())
+        return "the defaults of `GAMConfig`, for fine-tuning" + (" (the values of `hf_gam.RELEASED_GAM`)" if same else "")
+    presets = (("PRETRAIN_GAM", PRETRAIN_GAM, "for training from scratch"),
+               ("CHEAP_GAM", CHEAP_GAM, "a cheaper setting for fine-tuning"),
+               ("RELEASED_GAM", RELEASED_GAM, "the released values"))
+    for name, setting, purpose in sorted(presets, key=lambda preset: -len(preset[1])):  # the most specific first
         if all(getattr(args, key, None) == value for key, value in setting.items()):
-            return name
+            return f"`hf_gam.{name}` ({purpose})"
     return None
 
 
@@ -107,7 +118,7 @@ def render_gam_section(args: Any) -> str:
     ]
     setting = named_setting(args) if method != "none" else None
     if setting is not None:
-        lines += [f"GAM setting: `{setting}` (its values are in the table).", ""]
+        lines += [f"GAM setting: {setting}; its values are in the table.", ""]
     lines += [
         "| setting | value |",
         "|---|---|",

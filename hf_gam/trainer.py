@@ -14,7 +14,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 from transformers.utils import logging
 
-from .config import GAMConfig, gam_config_class, validate_gam_fields
+from .config import GAMConfig, gam_config_class, uses_finetuning_schedule, validate_gam_fields
 from .gam import DTensor, DataParallel, GAMHyperParams, GAMStats, GAMStep, norm_layers, sharded_sum
 
 logger = logging.get_logger(__name__)
@@ -88,6 +88,9 @@ class GAMMixin:
                     "GAMMixin: `activation_offloading=True` has no effect on the GAM passes: GAM's `training_step` "
                     "replaces the one of the parent trainer, which is where TRL enters its offloading context."
                 )
+            if (uses_finetuning_schedule(self.args) and loaded_from_pretrained(self.model) is False
+                    and not self.args.optim.value.startswith("sgd")):
+                logger.warning(_FROM_SCRATCH_MESSAGE)
             if any(p.dtype in (torch.float16, torch.bfloat16) for p in trainable):
                 logger.warning(
                     "GAMTrainer: some trainable parameters are 16-bit. The finite differences g1 - g0 and the "
@@ -440,6 +443,25 @@ def leading_part(inputs: dict[str, Any], fraction: float) -> Optional[dict[str, 
     return {k: v[:keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else v
             for k, v in inputs.items()}
 
+
+def loaded_from_pretrained(model: nn.Module) -> Optional[bool]:
+    """Whether the Transformers model inside `model` (also under a PEFT wrapper) was loaded by `from_pretrained`, which
+    records the weight conversions it applied on the instance: True or False, or None when `model` holds no
+    `PreTrainedModel` (a plain `nn.Module`: unknown)."""
+    from transformers import PreTrainedModel
+
+    models = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    if not models:
+        return None
+    return any(getattr(m, "_weight_conversions", None) is not None for m in models)
+
+
+_FROM_SCRATCH_MESSAGE = (
+    "GAMTrainer: the model was not loaded with `from_pretrained`, and GAM runs with GAMConfig's defaults, which are "
+    "for fine-tuning (full GAM at every step with the released radii). From scratch with AdamW those radii slow "
+    "fitting down and cost accuracy: use `GAMConfig(..., **hf_gam.PRETRAIN_GAM)` (GAM in the last quarter of the "
+    "steps, radii ramping up). If the weights are pretrained and were loaded another way, ignore this warning."
+)
 
 _DEEPSPEED_MESSAGE = (
     "GAMTrainer does not support DeepSpeed: the DeepSpeed engine owns the backward pass and the optimizer step, so "

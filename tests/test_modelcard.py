@@ -106,13 +106,16 @@ def test_section_on_the_stock_trainer_card(tmp_path):
     assert SECRET not in open(readme, encoding="utf-8").read()
 
 
-@pytest.mark.parametrize("setting, name", [("CHEAP_GAM", "hf_gam.CHEAP_GAM"), ("RELEASED_GAM", "hf_gam.RELEASED_GAM")])
+@pytest.mark.parametrize("setting, name", [("CHEAP_GAM", "`hf_gam.CHEAP_GAM` (a cheaper setting for fine-tuning)"),
+                                           ("PRETRAIN_GAM", "`hf_gam.PRETRAIN_GAM` (for training from scratch)")])
 def test_section_names_the_ready_setting_used(tmp_path, setting, name):
     import hf_gam
 
     values = getattr(hf_gam, setting)
     card = render_gam_section(GAMConfig(output_dir=str(tmp_path), use_cpu=True, **values))
-    assert f"GAM setting: `{name}`" in card
+    assert f"GAM setting: {name};" in card
     assert all(read_gam_section(card)[key] == str(value) for key, value in values.items())
-    assert "GAM setting" not in render_gam_section(GAMConfig(output_dir=str(tmp_path), use_cpu=True))
-    assert "GAM setting" not in render_gam_section(make_args(tmp_path))
+    defaults = render_gam_section(GAMConfig(output_dir=str(tmp_path), use_cpu=True))
+    assert "GAM setting: the defaults of `GAMConfig`, for fine-tuning (the values of `hf_gam.RELEASED_GAM`);" in defaults
+    assert "GAM setting" not in render_gam_section(make_args(tmp_path))  # radii of its own
+    assert "GAM setting" not in render_gam_section(GAMConfig(output_dir=str(tmp_path), use_cpu=True, gam_method="none"))
