@@ -4,7 +4,8 @@ Every arm is data: a name and a dict of `GAMConfig` keyword arguments, plus `epo
 regime's epochs. `{}` is `GAMConfig()`'s defaults as they are when the script runs. Built-in arms:
   adamw, adamw_2x, adamw_4x   `gam_method="none"` (the stock Trainer step) for 1x, 2x and 4x the epochs:
                               AdamW given the forward/backward passes of SAM (2x) and of GAM (4x)
-  gam_default                 `{}`: GAM at the package defaults
+  gam_default                 `{}`: GAM at the package defaults (for fine-tuning: full GAM at every step)
+  pretrain_gam                `hf_gam.PRETRAIN_GAM` (for training from scratch: GAM late, radii ramping up)
   gam_<rho'>_<rho>            the GAM sweep, `gam_grad_rho` x `gam_grad_norm_rho` on two grids (GAM at every step,
                               constant radii, as in the paper; gam_0.02_0.2 is the released setting)
   sam_<rho'>                  the SAM sweep, as many points as the GAM sweep, up to 0.1 (every step, constant)
@@ -131,8 +132,9 @@ def builtin_arms(s: dict) -> tuple[dict[str, dict], dict[str, list[str]]]:
         "adamw_4x": {"gam_method": "none", "epochs_x": 4},
         "gam_default": {},
     }
-    from hf_gam import CHEAP_GAM
+    from hf_gam import CHEAP_GAM, PRETRAIN_GAM
 
+    arms["pretrain_gam"] = dict(PRETRAIN_GAM)
     arms["cheap_gam"] = dict(CHEAP_GAM)
     sweeps = {"gam": [], "sam": [], "frontier": []}
     # The cost-cutting mechanisms one at a time, on top of the defaults: their cost / accuracy / flatness frontier.

@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
+import finetune  # noqa: E402
 import generalization  # noqa: E402
 import step_cost  # noqa: E402
 
@@ -48,7 +49,7 @@ def test_generalization_quick_runs_every_regime_and_counts_passes(tmp_path, caps
     recipe too; the counted forward passes are exactly 2x and 4x AdamW's for SAM, AdamW 2x and GAM."""
     path = tmp_path / "gen.json"
     generalization.main([
-        "--quick", "--regimes", "underfit,finetune", "--arms", "adamw_2x,gam_default", "--arm", "sam_lr=gam_method=sam,gam_grad_rho=0.05,gam_rho_schedule=lr,gam_start=0.0",
+        "--quick", "--regimes", "underfit,finetune", "--arms", "adamw_2x,gam_default,pretrain_gam", "--arm", "sam_lr=gam_method=sam,gam_grad_rho=0.05,gam_rho_schedule=lr,gam_start=0.0",
         "--arm", "gam_full=gam_start=0.0,gam_rho_schedule=constant",
         "--json", str(path),
     ])
@@ -56,15 +57,15 @@ def test_generalization_quick_runs_every_regime_and_counts_passes(tmp_path, caps
     saved = json.loads(path.read_text())
     runs = saved["runs"]
     regimes = ["underfit", "finetune"]
-    arms = ["adamw", "adamw_2x", "gam_default", "sam_lr", "gam_full"]
+    arms = ["adamw", "adamw_2x", "gam_default", "pretrain_gam", "sam_lr", "gam_full"]
     assert sorted((r["regime"], r["arm"]) for r in runs) == sorted((g, a) for g in regimes for a in arms)
     for regime in regimes:
         rows = {r["arm"]: r for r in runs if r["regime"] == regime}
         assert rows["adamw"]["examples"] > 0
         ratios = {a: rows[a]["examples"] / rows["adamw"]["examples"] for a in arms}
-        # The defaults run stock steps for the first 75% of the steps, GAM's 4 passes after.
-        assert 1.0 < ratios.pop("gam_default") < 4.0, regime
-        assert ratios == {"adamw": 1.0, "adamw_2x": 2.0, "sam_lr": 2.0, "gam_full": 4.0}, regime
+        # PRETRAIN_GAM runs stock steps for the first 75% of the steps, GAM's 4 passes after; the defaults GAM's 4.
+        assert 1.0 < ratios.pop("pretrain_gam") < 4.0, regime
+        assert ratios == {"adamw": 1.0, "adamw_2x": 2.0, "gam_default": 4.0, "sam_lr": 2.0, "gam_full": 4.0}, regime
         for r in rows.values():
             assert all(0.0 <= r[k] <= 1.0 for k in ("train", "val", "test")) and math.isfinite(r["eig"])
             assert r["seconds"] > 0
@@ -138,3 +139,72 @@ def test_sweep_choice_uses_validation_not_test():
     table = generalization.markdown({"settings": s, "arms": {n: arms[n] for n in numbers}, "runs": runs})
     assert f"| {a} * |" in table and f"| {b} |" in table
     assert f"GAM `{a}`" in table
+
+
+def test_finetune_quick_counts_passes_measures_compression_and_remakes_tables(tmp_path, capsys):
+    path = tmp_path / "ft.json"
+    finetune.main(["--quick", "--scenarios", "vit_100", "--arms", "gam,sam_0.05,r3,pretrain_gam", "--json", str(path)])
+    out = capsys.readouterr().out
+    runs = json.loads(path.read_text())["runs"]
+    rows = {r["arm"]: r for r in runs}
+    assert sorted(rows) == ["adamw", "gam", "pretrain_gam", "r3", "sam_0.05"]
+    ratios = {a: r["examples"] / rows["adamw"]["examples"] for a, r in rows.items()}
+    # 100 images, batch 32, 2 epochs: 8 steps of 32, 32, 32, 4, 32, 32, 32, 4 images. Reuse 3: full steps 0, 3, 6
+    # (4 passes), one pass on the others. PRETRAIN_GAM: stock steps 0-5 (the first 75%), GAM at steps 6 and 7.
+    sizes = [32, 32, 32, 4] * 2
+    assert ratios == pytest.approx({
+        "adamw": 1.0, "gam": 4.0, "sam_0.05": 2.0,
+        "r3": sum(n * (4 if i % 3 == 0 else 1) for i, n in enumerate(sizes)) / 200,
+        "pretrain_gam": sum(n * (4 if i >= 6 else 1) for i, n in enumerate(sizes)) / 200})
+    for r in runs:
+        assert set(r["compression"]) == {"pruned_90", "pruned_70", "weights_2bit", "weights_3bit", "int8_dynamic",
+                                         "noise_0.1"}
+        assert all(0.0 <= v <= 1.0 for v in [r["test"], r["val"], r["train"], *r["compression"].values()])
+    assert "### vit_100" in out and "Bars over vit_100" in out
+    capsys.readouterr()
+    finetune.main(["--tables", str(path)])
+    assert capsys.readouterr().out.strip() == out.split("\nTotal wall time")[0].strip()
+
+
+def test_finetune_data_splits_and_flipped_labels():
+    _, labels = finetune.digits_by_class(8)
+    test, validation, pool = finetune.split_target(labels, (5, 6, 7, 8, 9), 300, 100)
+    assert (len(test), len(validation)) == (300, 100) and not set(test) & set(validation)
+    assert not set(pool) & (set(test) | set(validation))
+    assert {labels[i] for i in test + validation + pool} == {5, 6, 7, 8, 9}
+    assert len(test) + len(validation) + len(pool) == sum(y >= 5 for y in labels)
+    rows = [{"labels": i % 5} for i in range(500)]
+    flipped = finetune.flip_labels(rows, 0.2, 5, seed=3)
+    changed = [i for i, (a, b) in enumerate(zip(rows, flipped)) if a["labels"] != b["labels"]]
+    assert len(changed) == 100  # exactly 20%, each to another class
+    assert flipped == finetune.flip_labels(rows, 0.2, 5, seed=3) and rows[0] == {"labels": 0}
+
+
+def test_finetune_summary_chooses_sam_on_validation_and_checks_the_bars():
+    """Two scenarios, two seeds. SAM 0.1 has the better test accuracy but SAM 0.05 the better validation accuracy:
+    SAM* is 0.05. The defaults gain 0.01 and lose 0.1 to pruning against AdamW's 0.4."""
+    def row(scenario, seed, arm, val, test, pruned, examples):
+        return dict(scenario=scenario, seed=seed, arm=arm, val=val, test=test, train=1.0, eig=1.0, examples=examples,
+                    compression={"pruned_90": pruned})
+
+    runs = []
+    for scenario in ("s1", "s2"):
+        for seed in (0, 1):
+            runs += [row(scenario, seed, "adamw", 0.80, 0.90, 0.50, 100), row(scenario, seed, "gam", 0.81, 0.91, 0.81, 400),
+                     row(scenario, seed, "sam_0.05", 0.85, 0.905, 0.60, 200),
+                     row(scenario, seed, "sam_0.1", 0.70, 0.95, 0.70, 200),
+                     row(scenario, seed, "r3", 0.80, 0.909, 0.75, 200)]
+    assert finetune.choose_sam(runs, "s1", ["sam_0.02", "sam_0.05", "sam_0.1"]) == "sam_0.05"
+    rows = finetune.summary(runs, ["s1", "s2"], ["adamw", "gam", "sam_0.05", "sam_0.1", "r3"], ["sam_0.05", "sam_0.1"])
+    assert rows["gam"]["d_test"] == pytest.approx(0.01) and rows["gam"]["d_pruned"] == pytest.approx(0.31)
+    assert rows["gam"]["loss_ratio"] == pytest.approx(0.1 / 0.4) and rows["gam"]["passes"] == 4.0
+    assert rows["sam*"]["d_test"] == pytest.approx(0.005)
+    result = {"settings": {"scenarios": ["s1", "s2"]}, "arms": {a: {} for a in ("adamw", "gam", "sam_0.05", "sam_0.1",
+                                                                                "r3")}, "runs": runs}
+    lines = finetune.verdicts(result, ["s1", "s2"])
+    assert "- defaults beat AdamW by >= 0.008 on average: +0.0100 -> met" in lines
+    assert "- defaults match or beat SAM*: +0.0100 vs +0.0050 -> met" in lines
+    assert "- 90% pruning costs the defaults at most half of what it costs AdamW: 0.25 -> met" in lines
+    # r3 keeps 90% of the accuracy gain and 0.25 / 0.31 = 81% of the pruning gain, and beats SAM* on both.
+    assert any(line.startswith("- r3 (2.00 passes): keeps 90% of the accuracy gain and 81% of the pruning gain; "
+                               "beats SAM* on both: yes -> meets the cheap bar") for line in lines)
