@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .flatness import BoundCallback, as_batches, take_examples
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -48,9 +50,11 @@ __all__ = [
     "compressible_modules",
     "compression_report",
     "format_table",
+    "measure_dataloader",
     "prune_global_magnitude",
     "quantize_dynamic_int8",
     "quantize_weights_rtn",
+    "report_over_ranks",
 ]
 
 _COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -313,20 +317,28 @@ def format_table(reports: Mapping[str, Mapping[str, float]], compressions: Seque
     return "\n".join(lines)
 
 
-def _mean_over_ranks(report: dict[str, float], device: torch.device) -> dict[str, float]:
-    """`report` averaged over the ranks of `torch.distributed` (each rank measured its own examples)."""
+def report_over_ranks(model: nn.Module, batches, compressions: Sequence[Compression | str] = DEFAULT_COMPRESSIONS,
+                      **kwargs) -> dict[str, float]:
+    """`compression_report` on this process's `batches` (one labelled batch or a list of them), averaged over the
+    ranks of `torch.distributed` when it is initialised (every rank measures its own examples)."""
+    report = compression_report(model, as_batches(batches), compressions, **kwargs)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return report
-    values = torch.tensor(list(report.values()), dtype=torch.float64, device=device)
+    values = torch.tensor(list(report.values()), dtype=torch.float64, device=_model_device(_unwrap(model)))
     torch.distributed.all_reduce(values)
     values /= torch.distributed.get_world_size()
     return dict(zip(report, values.tolist()))
 
 
+def measure_dataloader(model: nn.Module, dataloader, num_examples: int | None = 1024,
+                       compressions: Sequence[Compression | str] = DEFAULT_COMPRESSIONS, **kwargs) -> dict[str, float]:
+    """`report_over_ranks` on the first `num_examples` examples of `dataloader` (per process; all if `None`)."""
+    return report_over_ranks(model, take_examples(dataloader, num_examples, "measure_dataloader"), compressions,
+                             **kwargs)
+
+
 # --------------------------------------------------------------------------------------------------
 # Trainer callback
-
-from .flatness import BoundCallback  # noqa: E402  (after the functions, which need no transformers)
 
 
 class CompressionCallback(BoundCallback):
@@ -358,22 +370,16 @@ class CompressionCallback(BoundCallback):
 
     def measure(self, model: nn.Module) -> dict[str, float]:
         """The report of `model` on the callback's examples, with the prefix, averaged over ranks."""
-        from .flatness import as_batches
-
-        report = compression_report(model, as_batches(self.batch), self.compressions, noise_draws=self.noise_draws,
-                                    seed=self.seed)
-        report = _mean_over_ranks(report, _model_device(model))
+        report = report_over_ranks(model, self.batch, self.compressions, noise_draws=self.noise_draws, seed=self.seed)
         return {f"{self.prefix}{name}": value for name, value in report.items()}
 
     def _examples(self, eval_dataloader) -> None:
-        from .flatness import take_examples
-
         if self.batch is None:
             if eval_dataloader is None and self.trainer is not None and self.trainer.eval_dataset is not None:
                 eval_dataloader = self.trainer.get_eval_dataloader()
             if eval_dataloader is None:
                 raise ValueError("CompressionCallback needs `batch=`, an evaluation dataset, or `attach(trainer)`.")
-            self.batch = take_examples(eval_dataloader, self.num_examples, "CompressionCallback")
+            self.batch = take_examples(eval_dataloader, self.num_examples, type(self).__name__)
 
     def _log(self, model, state, metrics=None) -> None:
         logs = self.measure(model)

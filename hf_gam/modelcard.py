@@ -213,3 +213,51 @@ def read_test_results(card_text: str) -> dict[str, float]:
         raise ValueError("The model card has no test results.")
     line = card_text[start + len(TEST_BEGIN) : end].strip()
     return {name: float(value) for name, value in re.findall(r"(test_\w+): ([-0-9.e+]+)", line)}
+
+
+COMPRESSION_BEGIN = "<!-- hf_gam:compression:begin -->"
+COMPRESSION_END = "<!-- hf_gam:compression:end -->"
+COMPRESSION_TITLE = "## Accuracy after compression"
+
+
+def render_compression_table(report: dict[str, float], split_name: str, num_examples: int,
+                             compressions: Any = ()) -> str:
+    """The card's section "Accuracy after compression" (between markers) for a `compression_report` of the final
+    model: one row per compression with its accuracy and the change from the uncompressed model."""
+    from .compression import DEFAULT_COMPRESSIONS, Compression
+
+    described = {c.name: c.description for c in
+                 (c if isinstance(c, Compression) else Compression.parse(c) for c in (compressions or DEFAULT_COMPRESSIONS))}
+    baseline = report["baseline"]
+    lines = [
+        COMPRESSION_BEGIN,
+        COMPRESSION_TITLE,
+        "",
+        f"Top-1 accuracy on {num_examples} examples of the split `{split_name}`, measured with `hf_gam.compression`,",
+        "each compression applied to a copy of the final weights (`python -m hf_gam.compression` measures a checkpoint).",
+        "",
+        "| compression | what | accuracy | change |",
+        "|---|---|---|---|",
+        f"| `none` | the trained weights | {baseline:.4f} | |",
+    ]
+    for name, value in report.items():
+        if name != "baseline":
+            lines.append(f"| `{name}` | {described.get(name, name)} | {value:.4f} | {value - baseline:+.4f} |")
+    return "\n".join(lines + [COMPRESSION_END]) + "\n"
+
+
+def append_compression_table(readme_path: str, report: dict[str, float], split_name: str, num_examples: int,
+                             compressions: Any = ()) -> None:
+    """Add (or replace) the section "Accuracy after compression" of the model card at `readme_path`."""
+    block = render_compression_table(report, split_name, num_examples, compressions)
+    _put_block(readme_path, block, COMPRESSION_BEGIN, COMPRESSION_END)
+
+
+def read_compression_table(card_text: str) -> dict[str, float]:
+    """Parse the section written by `append_compression_table` back into `{"baseline": ..., name: accuracy}`."""
+    start = card_text.find(COMPRESSION_BEGIN)
+    end = card_text.find(COMPRESSION_END, start)
+    if start < 0 or end < 0:
+        raise ValueError("The model card has no compression table.")
+    rows = re.findall(r"^\| `(\w+(?:\.\d+)?)` \| [^|]* \| ([-0-9.]+) \|", card_text[start:end], re.MULTILINE)
+    return {("baseline" if name == "none" else name): float(value) for name, value in rows}

@@ -119,3 +119,24 @@ def test_section_names_the_ready_setting_used(tmp_path, setting, name):
     assert "GAM setting: the defaults of `GAMConfig`, for fine-tuning (the values of `hf_gam.RELEASED_GAM`);" in defaults
     assert "GAM setting" not in render_gam_section(make_args(tmp_path))  # radii of its own
     assert "GAM setting" not in render_gam_section(GAMConfig(output_dir=str(tmp_path), use_cpu=True, gam_method="none"))
+
+
+def test_compression_table_renders_reads_back_and_replaces_itself(tmp_path):
+    from hf_gam.modelcard import append_compression_table, read_compression_table
+
+    readme = str(tmp_path / "README.md")
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write("# a card\n")
+    first = {"baseline": 0.9, "pruned_90": 0.5, "weights_2bit": 0.75, "noise_0.1": 0.875}
+    append_compression_table(readme, first, "test", 300)
+    text = open(readme, encoding="utf-8").read()
+    assert "## Accuracy after compression" in text and "300 examples of the split `test`" in text
+    assert "| `pruned_90` | 90% of weights pruned (global magnitude) | 0.5000 | -0.4000 |" in text
+    assert read_compression_table(text) == first
+    second = {"baseline": 0.8, "int8_dynamic": 0.79}
+    append_compression_table(readme, second, "validation", 100)
+    text = open(readme, encoding="utf-8").read()
+    assert text.count("## Accuracy after compression") == 1 and text.startswith("# a card\n")
+    assert read_compression_table(text) == second
+    with pytest.raises(ValueError, match="no compression table"):
+        read_compression_table("# a card\n")
