@@ -26,7 +26,8 @@ Where the defaults come from (a starting point, not a tuned result):
 - GAM: `GAMConfig`'s defaults for AdamW: the released radii (rho=0.2, rho'=0.02) and weights (alpha=0.6,
   beta=0.5, gamma=0.03), applied in the last quarter of the steps with radii ramping up from 0
   (`gam_start=0.75`, `gam_rho_schedule=linear`): the setting that did not lose to AdamW on the package's
-  benchmark (docs/RESULTS.md). `--gam_batch_fraction 0.125` is `hf_gam.CHEAP_GAM`.
+  benchmark (docs/RESULTS.md). For a cheaper run pass the values of `hf_gam.CHEAP_GAM` as flags
+  (docs/configuration.md lists them).
 - Optimizer: the Trainer's default AdamW at its default learning rate 5e-5, cosine decay, 5% warmup,
   clipping at norm 1.
 - Batch 32 on one GPU and 10 epochs: chosen to fit one GPU and a short run; the ViT paper's transfer runs
@@ -39,33 +40,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hf_gam import GAMTrainer
-from hf_gam.vision import (
-    COMMON_TRAINING_DEFAULTS,
-    PRESETS,
-    DataTrainingArguments,
-    ModelArguments,
-    RecipeTrainingArguments,
-    exit_on_recipe_error,
-    parse_recipe_args,
-    recipe_parser,
-    resolve_preset,
-    run_image_classification,
-)
+from transformers import set_seed
+
+from hf_gam import GAMTrainer, vision
 
 
 @dataclass
-class FineGrainedDataArguments(DataTrainingArguments):
+class FineGrainedDataArguments(vision.DataTrainingArguments):
     """`DataTrainingArguments` plus the short name of a preset."""
 
     dataset: str | None = field(
         default=None,
-        metadata={"help": f"Preset: one of {', '.join(sorted(PRESETS))}. Overridden by `--dataset_name`/`--train_dir`."},
+        metadata={
+            "help": f"Preset: one of {', '.join(sorted(vision.PRESETS))}. Overridden by `--dataset_name`/`--train_dir`."
+        },
     )
 
 
 DEFAULTS: dict[str, Any] = {
-    **COMMON_TRAINING_DEFAULTS,
+    **vision.COMMON_TRAINING_DEFAULTS,
     "output_dir": "outputs/vit-finegrained-gam",
     "per_device_train_batch_size": 32,
     "per_device_eval_batch_size": 64,
@@ -77,13 +70,40 @@ DEFAULTS: dict[str, Any] = {
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """Parse the command line (or `argv`), fine-tune, evaluate, write the model card; return validation and
-    test metrics."""
-    parser = recipe_parser(ModelArguments, FineGrainedDataArguments, RecipeTrainingArguments)
-    model_args, data_args, training_args = parse_recipe_args(parser, DEFAULTS, argv)
-    preset = resolve_preset(data_args.dataset) if data_args.dataset else None
-    return run_image_classification(model_args, data_args, training_args, GAMTrainer, preset=preset)
+    """Parse the command line (or `argv`), fine-tune, evaluate, test once, write the model card; return the
+    validation (`eval_*`) and test (`test_*`) metrics."""
+    # Arguments: dataclass defaults < DEFAULTS < a `--config` file < flags. Tokens on the command line are refused.
+    parser = vision.recipe_parser(vision.ModelArguments, FineGrainedDataArguments, vision.RecipeTrainingArguments)
+    model_args, data_args, training_args = vision.parse_recipe_args(parser, DEFAULTS, argv)
+    preset = vision.resolve_preset(data_args.dataset) if data_args.dataset else None  # Hub id, splits, columns
+
+    vision.setup_logging(training_args)
+    # Resume only when asked; an output folder that already holds checkpoints is refused before any data loads.
+    checkpoint = vision.resolve_resume(training_args)
+    set_seed(training_args.seed)
+
+    # Data: the preset's (or the flags') train, validation and test splits; without a validation split, a
+    # stratified part of train is held out for model selection.
+    data = vision.resolve_data(data_args, preset)
+    splits = vision.load_splits(data, data_args, training_args, cache_dir=model_args.cache_dir)
+
+    # Model: the checkpoint's config and weights with a head for these classes, and its image processor.
+    model, image_processor = vision.load_model(model_args, splits.class_names)
+    # Transforms at the checkpoint's input size, mean and std: --train_augmentation for train, center crop for the rest.
+    vision.set_transforms(splits, image_processor, data, data_args.train_augmentation)
+
+    # Train with GAM, evaluate on the validation split, test once, then write the card (or push with --push_to_hub).
+    trainer = vision.build_trainer(GAMTrainer, model, image_processor, training_args, splits)
+    metrics: dict[str, float] = {}
+    if training_args.do_train:
+        vision.train_model(trainer, checkpoint)
+    if training_args.do_eval:
+        metrics.update(vision.evaluate_model(trainer))
+    if splits.test is not None and training_args.do_predict:
+        metrics.update(vision.evaluate_test_split(trainer, splits.test, data))  # once, after training
+    vision.create_model_card_or_push(trainer, model_args, data)
+    return metrics
 
 
 if __name__ == "__main__":
-    exit_on_recipe_error(main)
+    vision.exit_on_recipe_error(main)

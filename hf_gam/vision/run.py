@@ -1,0 +1,232 @@
+"""The steps of a fine-tuning run, each a small function the recipes call in this order:
+
+    setup_logging -> resolve_resume -> (set_seed) -> resolve_data -> load_splits -> load_model -> set_transforms
+    -> build_trainer -> train_model -> evaluate_model -> evaluate_test_split -> create_model_card_or_push
+
+`run_image_classification` runs the same steps in one call. This module does not import the trainer: the
+recipes pass `GAMTrainer` to `build_trainer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from hf_gam.modelcard import append_test_results
+
+from .arguments import DataTrainingArguments, ModelArguments
+from .data import ResolvedData, maybe_truncate, resolve_data, select_splits
+from .metrics import make_compute_metrics, top_k_predictions
+from .presets import DatasetPreset
+from .resume import resolve_resume
+from .transforms import build_transforms, collate_fn, make_batch_transform
+
+logger = logging.getLogger(__name__)
+
+
+def setup_logging(training_args: Any) -> None:
+    """Log like the Transformers examples: INFO on the main process, warnings elsewhere."""
+    import datasets
+    import transformers
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
+    level = training_args.get_process_log_level()
+    package_logger = logging.getLogger("hf_gam.vision")  # the recipe's own lines: every module here logs below it
+    package_logger.setLevel(min(level, logging.INFO) if training_args.should_log else level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+@dataclass
+class Splits:
+    """The datasets of a run and the class names of their label column.
+
+    `validation` is what evaluation during training, early stopping and best-model selection see; `test` (`None`
+    when the data have none) is evaluated once, after training.
+    """
+
+    train: Any
+    validation: Any
+    test: Any | None
+    class_names: list[str]
+
+
+def load_splits(
+    data: ResolvedData, data_args: DataTrainingArguments, training_args: Any, cache_dir: str | None = None
+) -> Splits:
+    """Load the splits `data` names (on the main process first, so the others read its cache), keep only the image
+    and label columns, carve a stratified validation split out of train when the data have none, and truncate to
+    `--max_train_samples` / `--max_eval_samples`."""
+    import hf_gam.vision  # `load_image_datasets` is read from the package, where tests replace it
+
+    logger.info("Data: %s; training arguments: %s", data, training_args)
+    seed = training_args.seed
+    with training_args.main_process_first(desc="loading the dataset"):
+        loaded = hf_gam.vision.load_image_datasets(data, cache_dir=cache_dir)
+    train, validation, test = select_splits(loaded, data, data_args.validation_split_fraction, seed)
+    class_names = list(train.features[data.label_column_name].names)
+    train = maybe_truncate(train, data_args.max_train_samples, seed)
+    validation = maybe_truncate(validation, data_args.max_eval_samples, seed)
+    if test is not None:
+        test = maybe_truncate(test, data_args.max_eval_samples, seed)
+    return Splits(train=train, validation=validation, test=test, class_names=class_names)
+
+
+def load_model(model_args: ModelArguments, class_names: list[str]) -> tuple[Any, Any]:
+    """`(model, image_processor)`: the checkpoint's config given this dataset's labels, its weights (a head of
+    another size replaced, `--ignore_mismatched_sizes`), and its image processor."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+    common = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    config = AutoConfig.from_pretrained(
+        model_args.config_name or model_args.model_name_or_path,
+        label2id={name: index for index, name in enumerate(class_names)},
+        id2label=dict(enumerate(class_names)),
+        finetuning_task="image-classification",
+        **common,
+    )
+    model = AutoModelForImageClassification.from_pretrained(
+        model_args.model_name_or_path,
+        config=config,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        **common,
+    )
+    image_processor = AutoImageProcessor.from_pretrained(
+        model_args.image_processor_name or model_args.model_name_or_path, **common
+    )
+    return model, image_processor
+
+
+def set_transforms(splits: Splits, image_processor: Any, data: ResolvedData, augmentation: str) -> None:
+    """Give every split its transform, applied as examples are read (`Dataset.set_transform`): the `augmentation`
+    (`--train_augmentation`) for train, resize and center crop for validation and test."""
+    train_transform, eval_transform = build_transforms(image_processor, augmentation)
+    image, label = data.image_column_name, data.label_column_name
+    splits.train.set_transform(make_batch_transform(train_transform, image, label))
+    splits.validation.set_transform(make_batch_transform(eval_transform, image, label))
+    if splits.test is not None:
+        splits.test.set_transform(make_batch_transform(eval_transform, image, label))
+
+
+def with_test_results_card(trainer_class: type) -> type:
+    """A subclass of `trainer_class` whose model card also gets the line of test results (`test_results`)."""
+
+    class RecipeTrainer(trainer_class):
+        test_results: dict[str, float] | None = None
+        test_split_name: str = "test"
+
+        def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+            super().create_model_card(*args, **kwargs)
+            if self.test_results and self.is_world_process_zero():
+                readme = os.path.join(self.args.output_dir, "README.md")
+                append_test_results(readme, self.test_results, self.test_split_name)
+
+    RecipeTrainer.__name__ = RecipeTrainer.__qualname__ = trainer_class.__name__
+    return RecipeTrainer
+
+
+def build_trainer(trainer_class: type, model: Any, image_processor: Any, training_args: Any, splits: Splits) -> Any:
+    """`trainer_class` (the recipes pass `GAMTrainer`) on `splits`, with the image collator, top-1/top-5 accuracy
+    from the top-5 indices, and a model card that also records the test results."""
+    if training_args.remove_unused_columns:
+        logger.warning("Setting `remove_unused_columns=False`: the image column is only read by the transforms.")
+        training_args.remove_unused_columns = False
+    return with_test_results_card(trainer_class)(
+        model=model,
+        args=training_args,
+        train_dataset=splits.train if training_args.do_train else None,
+        eval_dataset=splits.validation if training_args.do_eval else None,
+        processing_class=image_processor,
+        data_collator=collate_fn,
+        compute_metrics=make_compute_metrics(len(splits.class_names)),
+        preprocess_logits_for_metrics=top_k_predictions,
+    )
+
+
+def train_model(trainer: Any, checkpoint: str | None) -> None:
+    """Train (resuming from `checkpoint` when it is not `None`), save the model, the train metrics and the state."""
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+
+
+def evaluate_model(trainer: Any) -> dict[str, float]:
+    """The final validation metrics (`eval_*`), logged and saved to `eval_results.json`."""
+    metrics = trainer.evaluate()
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    return metrics
+
+
+def evaluate_test_split(trainer: Any, test_dataset: Any, data: ResolvedData) -> dict[str, float]:
+    """Evaluate the test split once, after training: `test_*` metrics, logged, saved to `test_results.json` and
+    kept for the model card's line of test results."""
+    test_metrics = trainer.evaluate(test_dataset, metric_key_prefix="test")
+    trainer.log_metrics("test", test_metrics)
+    trainer.save_metrics("test", test_metrics)
+    trainer.test_results = test_metrics
+    trainer.test_split_name = data.test_dir if data.train_dir is not None else data.test_split
+    return test_metrics
+
+
+def create_model_card_or_push(trainer: Any, model_args: ModelArguments, data: ResolvedData) -> None:
+    """Write the model card to `--output_dir`; with `--push_to_hub`, also upload the model, its image processor
+    and the card."""
+    card = {
+        "finetuned_from": model_args.model_name_or_path,
+        "tasks": "image-classification",
+        "dataset": data.description,
+        "tags": ["image-classification"],
+    }
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub(**card)
+    else:
+        trainer.create_model_card(**card)
+
+
+def run_image_classification(
+    model_args: ModelArguments,
+    data_args: DataTrainingArguments,
+    training_args: Any,
+    trainer_class: type,
+    preset: DatasetPreset | None = None,
+) -> dict[str, float]:
+    """Fine-tune `model_args.model_name_or_path` on the data described by `data_args` (and `preset`): the steps of
+    the recipes' `main` in one call.
+
+    `trainer_class` is the Trainer to use (the recipes pass `GAMTrainer`). Evaluation during training, early
+    stopping and best-model selection see only the validation split (the data's own, or a stratified part of
+    train). The test split, when there is one, is evaluated once after training (`--do_predict`) and reported as
+    `test_*` in `test_results.json`, `all_results.json` and a line of the model card. Saves the model, its image
+    processor and the card to `training_args.output_dir`, pushes them when `--push_to_hub` is set, and returns
+    the final validation (`eval_*`) and test (`test_*`) metrics.
+    """
+    from transformers import set_seed
+
+    setup_logging(training_args)
+    checkpoint = resolve_resume(training_args)  # before any data is loaded
+    set_seed(training_args.seed)
+    data = resolve_data(data_args, preset)
+    splits = load_splits(data, data_args, training_args, cache_dir=model_args.cache_dir)
+    model, image_processor = load_model(model_args, splits.class_names)
+    set_transforms(splits, image_processor, data, data_args.train_augmentation)
+    trainer = build_trainer(trainer_class, model, image_processor, training_args, splits)
+    metrics: dict[str, float] = {}
+    if training_args.do_train:
+        train_model(trainer, checkpoint)
+    if training_args.do_eval:
+        metrics.update(evaluate_model(trainer))
+    if splits.test is not None and training_args.do_predict:
+        metrics.update(evaluate_test_split(trainer, splits.test, data))
+    create_model_card_or_push(trainer, model_args, data)
+    return metrics
