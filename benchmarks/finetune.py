@@ -62,6 +62,18 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generalization import check_arms, count_training_examples, paired, parse_arm, t_interval  # noqa: E402
 
+from hf_gam.vision import collate_fn  # noqa: E402
+from hf_gam.vision.digits import (  # noqa: E402
+    IMAGE_SIZE,
+    class_indices,
+    digits_by_class,
+    digits_model,
+    draw,
+    examples,
+    flip_labels,
+    split_target,
+)
+
 SETTINGS = {
     "full": dict(seeds=[0, 1, 2, 3, 4], scenarios=["vit_500", "vit_100", "resnet_500", "vit_500_noisy", "vit_500_swapped"],
                  pretrain_epochs=30, epochs=40, n_test=300, n_validation=100, flat_examples=256, eig_iters=10,
@@ -122,61 +134,7 @@ def builtin_arms() -> tuple[dict[str, dict], list[str]]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Data and models
-
-
-def digits_by_class(size: int) -> tuple[torch.Tensor, list[int]]:
-    """The 1,797 bundled digits as (N, 1, size, size) tensors in [-1, 1] (bilinear resize from 8x8) and labels."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
-    if size != 8:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return x, [int(y) for y in digits.target]
-
-
-def examples(x: torch.Tensor, labels: list[int], index: list[int], classes: tuple) -> list[dict]:
-    """`{"pixel_values", "labels"}` for `index`, labels renumbered 0.. in the order of `classes`."""
-    position = {c: i for i, c in enumerate(classes)}
-    return [{"pixel_values": x[i], "labels": position[labels[i]]} for i in index]
-
-
-def split_target(labels: list[int], classes: tuple, n_test: int, n_validation: int) -> tuple[list, list, list]:
-    """(test, validation, pool) indices of the images of `classes`: one fixed shuffle (seed 0), stratified by class."""
-    from sklearn.model_selection import train_test_split
-
-    index = [i for i, y in enumerate(labels) if y in classes]
-    strata = [labels[i] for i in index]
-    rest, test = train_test_split(index, test_size=n_test, random_state=0, stratify=strata)
-    pool, validation = train_test_split(rest, test_size=n_validation, random_state=0,
-                                        stratify=[labels[i] for i in rest])
-    return test, validation, pool
-
-
-def flip_labels(rows: list[dict], fraction: float, n_classes: int, seed: int) -> list[dict]:
-    """A copy of `rows` in which a seeded `fraction` of the labels is replaced by another class, drawn uniformly."""
-    rng = random.Random(seed)
-    flipped = [dict(r) for r in rows]
-    for i in rng.sample(range(len(rows)), round(fraction * len(rows))):
-        flipped[i]["labels"] = rng.choice([c for c in range(n_classes) if c != rows[i]["labels"]])
-    return flipped
-
-
-def make_model(arch: str, num_labels: int):
-    """A ViT for 8x8 digits or a small ResNet for 16x16 ones, built from a Transformers config."""
-    from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
-
-    if arch == "vit":
-        return ViTForImageClassification(ViTConfig(
-            image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-            intermediate_size=128, num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    return ResNetForImageClassification(ResNetConfig(
-        num_channels=1, embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], layer_type="basic",
-        downsample_in_first_stage=False, num_labels=num_labels))
-
-
-IMAGE_SIZE = {"vit": 8, "resnet": 16}
+# Training
 
 
 def train(model, rows: list[dict], epochs: float, learning_rate: float, seed: int, out_dir: str, arm: dict):
@@ -201,9 +159,9 @@ def source_model(s: dict, scenario: Scenario, seed: int, work_dir: str) -> str:
     path = os.path.join(work_dir, f"source-{scenario.arch}-{''.join(map(str, scenario.source))}-seed{seed}")
     if not os.path.isdir(path):
         x, labels = digits_by_class(IMAGE_SIZE[scenario.arch])
-        rows = examples(x, labels, [i for i, y in enumerate(labels) if y in scenario.source], scenario.source)
+        rows = examples(x, labels, class_indices(labels, scenario.source), scenario.source)
         torch.manual_seed(seed)
-        model, _ = train(make_model(scenario.arch, len(scenario.source)), rows, s["pretrain_epochs"],
+        model, _ = train(digits_model(scenario.arch, len(scenario.source)), rows, s["pretrain_epochs"],
                          PRETRAIN_LEARNING_RATE, seed, os.path.join(work_dir, "pretrain"), {"gam_method": "none"})
         model.save_pretrained(path)
     return path
@@ -225,8 +183,7 @@ def make_task(s: dict, name: str, seed: int, work_dir: str) -> Task:
     scenario = SCENARIOS[name]
     x, labels = digits_by_class(IMAGE_SIZE[scenario.arch])
     test, validation, pool = split_target(labels, scenario.target, s["n_test"], s["n_validation"])
-    chosen = sorted(random.Random(seed).sample(pool, min(scenario.n_train, len(pool))))
-    train_rows = examples(x, labels, chosen, scenario.target)
+    train_rows = examples(x, labels, draw(pool, scenario.n_train, seed), scenario.target)
     if scenario.noise:
         train_rows = flip_labels(train_rows, scenario.noise, len(scenario.target), seed)
     return Task(name, seed, source_model(s, scenario, seed, work_dir), train_rows,
@@ -235,11 +192,6 @@ def make_task(s: dict, name: str, seed: int, work_dir: str) -> Task:
 
 # --------------------------------------------------------------------------------------------------
 # One arm
-
-
-def _stack(rows: list[dict]) -> dict:
-    return {"pixel_values": torch.stack([r["pixel_values"] for r in rows]),
-            "labels": torch.tensor([r["labels"] for r in rows])}
 
 
 def run_arm(s: dict, task: Task, arm: dict, out_dir: str) -> dict:
@@ -259,11 +211,11 @@ def run_arm(s: dict, task: Task, arm: dict, out_dir: str) -> dict:
     start = time.perf_counter()
     model, examples_seen = train(model, task.train, s["epochs"], LEARNING_RATE, task.seed, out_dir, arm)
     seconds = time.perf_counter() - start
-    test = [_stack(task.test)]
+    test = [collate_fn(task.test)]
     report = compression_report(model, test, COMPRESSIONS, noise_draws=s["noise_draws"], seed=task.seed)
-    flat = measure_flatness(model, _stack(task.train[: s["flat_examples"]]), eig_iters=s["eig_iters"],
+    flat = measure_flatness(model, collate_fn(task.train[: s["flat_examples"]]), eig_iters=s["eig_iters"],
                             metrics=("eigenvalue",))
-    return dict(train=accuracy(model, [_stack(task.train)]), val=accuracy(model, [_stack(task.validation)]),
+    return dict(train=accuracy(model, [collate_fn(task.train)]), val=accuracy(model, [collate_fn(task.validation)]),
                 test=report.pop("baseline"), compression=report, eig=flat["top_eigenvalue"], examples=examples_seen,
                 seconds=seconds)
 

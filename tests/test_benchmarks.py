@@ -166,18 +166,32 @@ def test_finetune_quick_counts_passes_measures_compression_and_remakes_tables(tm
     assert capsys.readouterr().out.strip() == out.split("\nTotal wall time")[0].strip()
 
 
-def test_finetune_data_splits_and_flipped_labels():
-    _, labels = finetune.digits_by_class(8)
-    test, validation, pool = finetune.split_target(labels, (5, 6, 7, 8, 9), 300, 100)
+def test_digits_transfer_splits_draws_and_flipped_labels():
+    from hf_gam.vision import digits
+
+    _, labels = digits.digits_by_class(8)
+    test, validation, pool = digits.split_target(labels, digits.TARGET_CLASSES, 300, 100)
     assert (len(test), len(validation)) == (300, 100) and not set(test) & set(validation)
     assert not set(pool) & (set(test) | set(validation))
     assert {labels[i] for i in test + validation + pool} == {5, 6, 7, 8, 9}
-    assert len(test) + len(validation) + len(pool) == sum(y >= 5 for y in labels)
+    assert len(test) + len(validation) + len(pool) == sum(y >= 5 for y in labels) == len(
+        digits.class_indices(labels, digits.TARGET_CLASSES))
+    assert digits.split_target(labels, digits.TARGET_CLASSES) == (test, validation, pool)  # one fixed split
+    drawn = digits.draw(pool, 100, seed=1)
+    assert len(drawn) == 100 and set(drawn) <= set(pool) and drawn == sorted(drawn)
+    assert drawn == digits.draw(pool, 100, seed=1) != digits.draw(pool, 100, seed=2)
+    assert digits.draw(pool, 10_000, seed=1) == sorted(pool)
     rows = [{"labels": i % 5} for i in range(500)]
-    flipped = finetune.flip_labels(rows, 0.2, 5, seed=3)
+    flipped = digits.flip_labels(rows, 0.2, 5, seed=3)
     changed = [i for i, (a, b) in enumerate(zip(rows, flipped)) if a["labels"] != b["labels"]]
     assert len(changed) == 100  # exactly 20%, each to another class
-    assert flipped == finetune.flip_labels(rows, 0.2, 5, seed=3) and rows[0] == {"labels": 0}
+    assert flipped == digits.flip_labels(rows, 0.2, 5, seed=3) and rows[0] == {"labels": 0}
+    x, _ = digits.digits_by_class(16)
+    assert x.shape == (1797, 1, 16, 16) and x.min() >= -1.0 and x.max() <= 1.0
+    for arch in ("vit", "resnet"):
+        model = digits.digits_model(arch, 5)
+        logits = model(pixel_values=x[:2, :, :digits.IMAGE_SIZE[arch], :digits.IMAGE_SIZE[arch]]).logits
+        assert logits.shape == (2, 5)
 
 
 def test_finetune_summary_chooses_sam_on_validation_and_checks_the_bars():

@@ -11,6 +11,8 @@ Each module holds one part of a fine-tuning run:
 - `data`: which data and splits a run uses; a stratified validation split carved out of train.
 - `transforms`: the ViT fine-tuning transforms and the collator.
 - `metrics`: top-1 and top-5 accuracy.
+- `digits`: scikit-learn's bundled digits as a transfer task (pretrain on some classes, fine-tune on the others)
+  and small models for them, for the demo and the fine-tuning benchmark (not re-exported: `hf_gam.vision.digits`).
 - `run`: the steps of a run (load the splits, the model, build the trainer, train, evaluate, test once, write the
   model card), called in order by the recipes, and `run_image_classification`, which runs them all.
 
