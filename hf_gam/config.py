@@ -21,8 +21,9 @@ class GAMConfig(TrainingArguments):
     The defaults are for fine-tuning a pretrained model, the regime GAM pays in: full GAM at every step with the
     released radii and weights (rho' = 0.02, rho = 0.2, alpha = 0.6, beta = 0.5, gamma = 0.03), constant. From
     scratch with AdamW those radii slow fitting down: use `PRETRAIN_GAM` there (GAM in the last quarter of the
-    steps, radii ramping up). `CHEAP_GAM` is a cheaper fine-tuning setting; `RELEASED_GAM` pins the released values
-    (for SGD runs like the authors'). docs/RESULTS.md measures each of them.
+    steps, radii ramping up); `FINETUNE_GAM` names the defaults' schedule. `CHEAP_GAM` is a cheaper fine-tuning
+    setting; `RELEASED_GAM` pins the released values (for SGD runs like the authors'). docs/RESULTS.md measures
+    each of them.
     """
 
     gam_method: str = field(
@@ -199,6 +200,13 @@ RELEASED_GAM: dict = {
 constant radii. Today's defaults have these values; this name pins them. `GAMConfig(..., optim="sgd",
 **RELEASED_GAM)` for SGD runs like the authors'."""
 
+FINETUNE_GAM: dict = {
+    "gam_start": 0.0,
+    "gam_rho_schedule": "constant",
+}
+"""For fine-tuning a pretrained model, the defaults' schedule: GAM at every step with constant radii. `GAMConfig()`
+has these values already; naming them chooses the regime explicitly (the recipes do), whatever the defaults."""
+
 PRETRAIN_GAM: dict = {
     "gam_start": 0.75,
     "gam_rho_schedule": "linear",
@@ -218,10 +226,9 @@ CHEAP_GAM: dict = {
 
 
 def uses_finetuning_schedule(args) -> bool:
-    """Whether `args` runs GAM on the defaults' schedule for fine-tuning: GAM (or SAM) from the first step with
-    constant radii, the fields `PRETRAIN_GAM` sets at their default values."""
-    defaults = {f.name: f.default for f in dataclasses.fields(GAMConfig)}
-    return args.gam_method != "none" and all(getattr(args, name) == defaults[name] for name in PRETRAIN_GAM)
+    """Whether `args` runs GAM (or SAM) on the schedule for fine-tuning, `FINETUNE_GAM`'s: from the first step, with
+    constant radii."""
+    return args.gam_method != "none" and all(getattr(args, name) == value for name, value in FINETUNE_GAM.items())
 
 
 def validate_gam_fields(args) -> None:

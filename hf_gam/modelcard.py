@@ -83,17 +83,17 @@ def gam_settings(args: Any) -> dict[str, str]:
 
 def named_setting(args: Any) -> str | None:
     """The ready setting the run used, as the card names it: `GAMConfig()`'s defaults (every `gam_*` value at its
-    default), else the most specific of `hf_gam.PRETRAIN_GAM`, `hf_gam.CHEAP_GAM`, `hf_gam.RELEASED_GAM` whose every
-    value the run has; `None` for any other setting."""
+    default), else the most specific of the `hf_gam.*_GAM` settings whose every value the run has; `None` for any
+    other setting."""
     from dataclasses import fields as dataclass_fields
 
-    from .config import CHEAP_GAM, PRETRAIN_GAM, RELEASED_GAM, GAMConfig
+    from .config import CHEAP_GAM, FINETUNE_GAM, PRETRAIN_GAM, RELEASED_GAM, GAMConfig
 
     defaults = {f.name: f.default for f in dataclass_fields(GAMConfig) if f.name.startswith("gam_")}
     if all(getattr(args, name, None) == value for name, value in defaults.items()):
-        same = all(defaults[key] == value for key, value in RELEASED_GAM.items())
-        return "the defaults of `GAMConfig`, for fine-tuning" + (" (the values of `hf_gam.RELEASED_GAM`)" if same else "")
-    presets = (("PRETRAIN_GAM", PRETRAIN_GAM, "for training from scratch"),
+        return "the defaults of `GAMConfig`, for fine-tuning (`hf_gam.FINETUNE_GAM`)"
+    presets = (("FINETUNE_GAM", FINETUNE_GAM, "for fine-tuning"),
+               ("PRETRAIN_GAM", PRETRAIN_GAM, "for training from scratch"),
                ("CHEAP_GAM", CHEAP_GAM, "a cheaper setting for fine-tuning"),
                ("RELEASED_GAM", RELEASED_GAM, "the released values"))
     for name, setting, purpose in sorted(presets, key=lambda preset: -len(preset[1])):  # the most specific first

@@ -101,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         metrics.update(vision.evaluate_model(trainer))
     if splits.test is not None and training_args.do_predict:
         metrics.update(vision.evaluate_test_split(trainer, splits.test, data))  # once, after training
+    # Accuracy after pruning, low-bit and int8 weights and weight noise (each on a copy), for the model card.
+    metrics.update(vision.measure_compression(trainer, splits, data, data_args.compression_eval_samples))
     vision.create_model_card_or_push(trainer, model_args, data)
     return metrics
 

@@ -116,7 +116,9 @@ def test_section_names_the_ready_setting_used(tmp_path, setting, name):
     assert f"GAM setting: {name};" in card
     assert all(read_gam_section(card)[key] == str(value) for key, value in values.items())
     defaults = render_gam_section(GAMConfig(output_dir=str(tmp_path), use_cpu=True))
-    assert "GAM setting: the defaults of `GAMConfig`, for fine-tuning (the values of `hf_gam.RELEASED_GAM`);" in defaults
+    assert "GAM setting: the defaults of `GAMConfig`, for fine-tuning (`hf_gam.FINETUNE_GAM`);" in defaults
+    released = render_gam_section(GAMConfig(output_dir=str(tmp_path), use_cpu=True, gam_sync="global"))
+    assert "GAM setting: `hf_gam.RELEASED_GAM` (the released values);" in released
     assert "GAM setting" not in render_gam_section(make_args(tmp_path))  # radii of its own
     assert "GAM setting" not in render_gam_section(GAMConfig(output_dir=str(tmp_path), use_cpu=True, gam_method="none"))
 

@@ -37,6 +37,8 @@ def test_defaults_are_full_gam_from_the_first_step_and_presets_name_the_regimes(
     assert uses_finetuning_schedule(args)
     assert all(getattr(args, key) == value for key, value in hf_gam.RELEASED_GAM.items())
     assert hf_gam.PRETRAIN_GAM == {"gam_start": 0.75, "gam_rho_schedule": "linear"}
+    assert all(getattr(args, key) == value for key, value in hf_gam.FINETUNE_GAM.items())
+    assert set(hf_gam.FINETUNE_GAM) == set(hf_gam.PRETRAIN_GAM)  # the same fields choose the regime
     assert not uses_finetuning_schedule(GAMConfig(output_dir=str(tmp_path), use_cpu=True, **hf_gam.PRETRAIN_GAM))
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hf_gam.config import GAMConfig
+from hf_gam.config import FINETUNE_GAM, GAMConfig
 
 from .transforms import AUGMENTATIONS
 
@@ -106,6 +106,14 @@ class DataTrainingArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Truncate the validation and test sets (debugging)."}
     )
+    compression_eval_samples: int = field(
+        default=1000,
+        metadata={
+            "help": "After training, the model card's table 'Accuracy after compression' (pruning, low-bit and int8 "
+            "weights, weight noise; `hf_gam.compression`) is measured on this many examples of the test split (of "
+            "the validation split when there is no test split), per process. 0 skips it."
+        },
+    )
 
 
 @dataclass
@@ -132,5 +140,6 @@ COMMON_TRAINING_DEFAULTS: dict[str, Any] = {
     "eval_strategy": "epoch",
     "save_strategy": "epoch",
     "save_total_limit": 2,
+    **FINETUNE_GAM,  # the recipes fine-tune pretrained checkpoints: GAM's setting for fine-tuning, chosen explicitly
 }
 """Training defaults both recipes set on top of `GAMConfig`'s (each recipe's docstring says why)."""

@@ -1,7 +1,8 @@
 """The steps of a fine-tuning run, each a small function the recipes call in this order:
 
     setup_logging -> resolve_resume -> (set_seed) -> resolve_data -> load_splits -> load_model -> set_transforms
-    -> build_trainer -> train_model -> evaluate_model -> evaluate_test_split -> create_model_card_or_push
+    -> build_trainer -> train_model -> evaluate_model -> evaluate_test_split -> measure_compression
+    -> create_model_card_or_push
 
 `run_image_classification` runs the same steps in one call. This module does not import the trainer: the
 recipes pass `GAMTrainer` to `build_trainer`.
@@ -14,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from hf_gam.modelcard import append_test_results
+from hf_gam.modelcard import append_compression_table, append_test_results
 
 from .arguments import DataTrainingArguments, ModelArguments
 from .data import ResolvedData, maybe_truncate, resolve_data, select_splits
@@ -117,17 +118,21 @@ def set_transforms(splits: Splits, image_processor: Any, data: ResolvedData, aug
 
 
 def with_test_results_card(trainer_class: type) -> type:
-    """A subclass of `trainer_class` whose model card also gets the line of test results (`test_results`)."""
+    """A subclass of `trainer_class` whose model card also gets the line of test results (`test_results`) and the
+    table of accuracy after compression (`compression`)."""
 
     class RecipeTrainer(trainer_class):
         test_results: dict[str, float] | None = None
         test_split_name: str = "test"
+        compression: tuple[dict[str, float], str, int] | None = None  # (report, split name, examples)
 
         def create_model_card(self, *args: Any, **kwargs: Any) -> None:
             super().create_model_card(*args, **kwargs)
+            readme = os.path.join(self.args.output_dir, "README.md")
             if self.test_results and self.is_world_process_zero():
-                readme = os.path.join(self.args.output_dir, "README.md")
                 append_test_results(readme, self.test_results, self.test_split_name)
+            if self.compression and self.is_world_process_zero():
+                append_compression_table(readme, *self.compression)
 
     RecipeTrainer.__name__ = RecipeTrainer.__qualname__ = trainer_class.__name__
     return RecipeTrainer
@@ -179,6 +184,31 @@ def evaluate_test_split(trainer: Any, test_dataset: Any, data: ResolvedData) -> 
     return test_metrics
 
 
+def measure_compression(trainer: Any, splits: Splits, data: ResolvedData, num_examples: int) -> dict[str, float]:
+    """Accuracy of the final model after each compression of `hf_gam.compression` (on copies), on the first
+    `num_examples` examples of the test split (of the validation split when there is none) per process: logged,
+    saved to `compression_results.json` and kept for the model card's table. `num_examples=0` skips it."""
+    from hf_gam.compression import report_over_ranks
+    from hf_gam.flatness import batch_size, take_examples
+
+    if num_examples <= 0:
+        return {}
+    if splits.test is not None:
+        dataset = splits.test
+        split_name = data.test_dir if data.train_dir is not None else data.test_split
+    else:
+        dataset = splits.validation
+        split_name = data.validation_dir or data.validation_split or "validation (held out from train)"
+    batches = take_examples(trainer.get_eval_dataloader(dataset), num_examples, "measure_compression")
+    report = report_over_ranks(trainer.model, batches)
+    measured = sum(batch_size(batch) for batch in batches) * trainer.args.world_size
+    metrics = {f"compression_{name}": value for name, value in report.items()}
+    trainer.log_metrics("compression", metrics)
+    trainer.save_metrics("compression", metrics)
+    trainer.compression = (report, split_name, measured)
+    return metrics
+
+
 def create_model_card_or_push(trainer: Any, model_args: ModelArguments, data: ResolvedData) -> None:
     """Write the model card to `--output_dir`; with `--push_to_hub`, also upload the model, its image processor
     and the card."""
@@ -228,5 +258,6 @@ def run_image_classification(
         metrics.update(evaluate_model(trainer))
     if splits.test is not None and training_args.do_predict:
         metrics.update(evaluate_test_split(trainer, splits.test, data))
+    metrics.update(measure_compression(trainer, splits, data, data_args.compression_eval_samples))
     create_model_card_or_push(trainer, model_args, data)
     return metrics
