@@ -96,6 +96,7 @@ class GAMMixin:
                 )
         self._gam_reset_metrics()
         self._gam_radii = (self.args.gam_grad_rho, self.args.gam_grad_norm_rho)
+        self._gam_checkpoint_conversion = None  # the `KeyConversion` of a checkpoint being loaded
 
     # ---- the step ----
 
@@ -375,42 +376,48 @@ class GAMMixin:
     # ---- checkpoints ----
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
-        """Resume with every weight restored, through the key conversion `from_pretrained` applies.
-
-        The stock Trainer loads the raw file with `load_state_dict`, which leaves renamed weights (Transformers 5.x
-        saves the original key format) at their current values with only a warning. FSDP, SageMaker MP and PEFT
-        adapters keep the Trainer's own path.
-        """
-        from .checkpoint import load_checkpoint_weights
-
-        model = self.model if model is None else model
-        if self._own_checkpoint_loading(model, resume_from_checkpoint):
-            logger.info(f"Loading model from {resume_from_checkpoint}.")
-            load_checkpoint_weights(model, resume_from_checkpoint)
-        else:
+        """The parent trainer's `_load_from_checkpoint`, with the checkpoint's key names converted to the model's when
+        they differ (see `_gam_key_conversion`)."""
+        with self._gam_key_conversion(self.model if model is None else model, resume_from_checkpoint):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
-        """Load the best checkpoint with every weight restored (see `_load_from_checkpoint`)."""
-        from .checkpoint import load_checkpoint_weights
-
-        checkpoint = self.state.best_model_checkpoint
-        if self._own_checkpoint_loading(self.model, checkpoint):
-            logger.info(f"Loading best model from {checkpoint} (score: {self.state.best_metric}).")
-            load_checkpoint_weights(self.model, checkpoint)
-        else:
+        """The parent trainer's `_load_best_model`, with the key names converted as in `_load_from_checkpoint`."""
+        with self._gam_key_conversion(self.model, self.state.best_model_checkpoint):
             super()._load_best_model()
 
-    def _own_checkpoint_loading(self, model: nn.Module, checkpoint: str) -> bool:
-        """Whether `checkpoint` holds full-model weights that `load_checkpoint_weights` should load into `model`."""
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """The stock warnings, except for a checkpoint whose names are being converted: its keys are checked in the
+        model's names when the loading ends (the stock warnings of a sharded checkpoint compare the raw names)."""
+        if self._gam_checkpoint_conversion is None:
+            super()._issue_warnings_after_load(load_result)
+
+    @contextlib.contextmanager
+    def _gam_key_conversion(self, model: nn.Module, checkpoint: str):
+        """Around the parent trainer's loading of `checkpoint` into `model`.
+
+        When the checkpoint's full-model weights hold names that are not the model's (Transformers 5.x saves a
+        `PreTrainedModel` in the original key format, which the stock Trainer's raw `load_state_dict` leaves
+        unloaded), `model.load_state_dict` converts them first, as `from_pretrained` does, then runs as the model
+        defines it; afterwards a key that matched nothing, or a weight left out, is a `CheckpointMismatchError`.
+        Otherwise, and under FSDP, SageMaker MP or for PEFT adapters, the parent's loading runs untouched.
+        """
         from transformers.trainer_utils import _is_peft_model
         from transformers.utils import is_sagemaker_mp_enabled
 
-        from .checkpoint import checkpoint_weight_files
+        from .checkpoint import KeyConversion, needs_key_conversion
 
-        if self.is_fsdp_enabled or is_sagemaker_mp_enabled() or _is_peft_model(model):
-            return False
-        return checkpoint_weight_files(checkpoint) is not None
+        if (self.is_fsdp_enabled or is_sagemaker_mp_enabled() or _is_peft_model(model)
+                or not needs_key_conversion(model, checkpoint)):
+            yield
+            return
+        with KeyConversion(model) as conversion:
+            self._gam_checkpoint_conversion = conversion
+            try:
+                yield
+            finally:
+                self._gam_checkpoint_conversion = None
+        conversion.check(checkpoint)
 
 
 class GAMTrainer(GAMMixin, Trainer):
