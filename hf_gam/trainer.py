@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from accelerate.utils import DistributedDataParallelKwargs
 from accelerate.utils.memory import clear_device_cache
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
@@ -59,11 +60,6 @@ class GAMMixin:
         validate_gam_fields(args)
         if args.deepspeed:
             raise ValueError(_DEEPSPEED_MESSAGE)
-        plain_steps = args.gam_interval > 1 or args.gam_start > 0
-        if args.ddp_find_unused_parameters is None and args.gam_method != "none" and not plain_steps:
-            # Every pass runs under `no_sync`, where DDP never reduces, so its search for unused parameters (a graph
-            # walk per forward) would buy nothing. Gradients are averaged by GAMTrainer itself.
-            args.ddp_find_unused_parameters = False
         super().__init__(model, args, *positional, **kwargs)
         if self.is_deepspeed_enabled:
             raise ValueError(_DEEPSPEED_MESSAGE)
@@ -97,6 +93,20 @@ class GAMMixin:
         self._gam_reset_metrics()
         self._gam_radii = (self.args.gam_grad_rho, self.args.gam_grad_norm_rho)
         self._gam_checkpoint_conversion = None  # the `KeyConversion` of a checkpoint being loaded
+
+    def _build_accelerator_args(self, **kwargs) -> dict[str, Any]:
+        """The stock Accelerator arguments; with GAM at every step and `ddp_find_unused_parameters` left at None,
+        DDP does not search for unused parameters. Every pass runs under `no_sync`, where DDP never reduces, so the
+        search (a graph walk per forward) would buy nothing: GAMTrainer averages the gradients itself. The value is
+        set on the DDP arguments, never on `args`."""
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        args = self.args
+        every_step = args.gam_method != "none" and args.gam_interval == 1 and args.gam_start == 0
+        if args.ddp_find_unused_parameters is None and every_step:
+            for handler in accelerator_args.get("kwargs_handlers", []):
+                if isinstance(handler, DistributedDataParallelKwargs):
+                    handler.find_unused_parameters = False
+        return accelerator_args
 
     # ---- the step ----
 

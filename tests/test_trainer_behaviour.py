@@ -198,6 +198,19 @@ def test_plain_training_arguments_mean_gam_defaults(tmp_path):
     assert (trainer.args.gam_method, trainer.args.gam_grad_rho, trainer.args.gam_grad_norm_rho) == ("gam", 0.02, 0.2)
 
 
+@pytest.mark.parametrize("overrides, find_unused", [
+    (dict(gam_start=0.0), False),  # GAM at every step: every pass runs under no_sync
+    (dict(gam_start=0.5), True),  # stock steps first: the stock default (True for a module that is not a PreTrainedModel)
+    (dict(gam_start=0.0, ddp_find_unused_parameters=True), True),  # the caller's choice
+])
+def test_ddp_unused_parameter_search_is_decided_without_changing_args(tmp_path, overrides, find_unused):
+    args = sgd_args(tmp_path, **overrides)
+    given = args.ddp_find_unused_parameters
+    trainer = GAMTrainer(model=TinyClassifier(), args=args, train_dataset=make_data())
+    assert trainer.args is args and args.ddp_find_unused_parameters is given
+    assert trainer.accelerator.ddp_handler.find_unused_parameters is find_unused
+
+
 @pytest.mark.parametrize(
     "field, value",
     [("gam_grad_rho", -0.1), ("gam_grad_norm_rho", -1.0), ("gam_gamma", -0.5), ("gam_alpha", 1.5),
