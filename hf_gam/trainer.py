@@ -1,4 +1,23 @@
-"""`GAMTrainer`: the Hugging Face `Trainer` with GAM's passes inside `training_step`."""
+"""`GAMTrainer`: the Hugging Face `Trainer` with GAM's passes inside `training_step`.
+
+The methods `GAMMixin` overrides, against the stock ones of Transformers 5.24 (what each keeps; what it changes):
+
+- `__init__`: every stock argument and step, a `GAMConfig` kept as given and never written to; a plain
+  `TrainingArguments` becomes a `GAMConfig` copy, `gam_*` values are checked, DeepSpeed, SageMaker MP, LOMO and FSDP1
+  are refused, 16-bit trainable parameters and `activation_offloading` get a warning.
+- `_build_accelerator_args`: the stock arguments; with GAM at every step and `ddp_find_unused_parameters=None`, DDP
+  gets `find_unused_parameters=False`.
+- `_hp_search_setup`: the stock trial set-up; then the trial's `gam_*` values are checked.
+- `train`: the stock loop; first GAM's state (work buffers, stored correction, metrics) is dropped.
+- `training_step`: the stock step for plain steps; a GAM step keeps its context parallelism, `model.train()`,
+  `optimizer.train()`, input preparation, loss context, multi-GPU mean, accumulation scaling, `accelerator.backward`,
+  `torch_empty_cache_steps` and returned loss, and runs GAM's passes, leaving the GAM direction in `p.grad`.
+- `log`: the stock log, adding to the given dict; GAM's `gam/*` metrics are added to a training log.
+- `create_model_card`: the stock card and arguments; `gam` tags and a section with GAM's settings are added.
+- `_load_from_checkpoint`, `_load_best_model`: the parent trainer's method; a checkpoint whose key names are not the
+  model's is converted to them first (see `_gam_key_conversion`).
+- `_issue_warnings_after_load`: the stock warnings, except while such a checkpoint loads (checked after, as an error).
+"""
 
 import contextlib
 import copy
@@ -13,7 +32,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 from accelerate.utils.memory import clear_device_cache
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
-from transformers.utils import logging
+from transformers.utils import is_sagemaker_mp_enabled, logging
 
 from .config import GAMConfig, gam_config_class, validate_gam_fields
 from .gam import DTensor, DataParallel, GAMHyperParams, GAMStats, GAMStep, norm_layers, sharded_sum
@@ -41,10 +60,11 @@ class GAMMixin:
     `training_step` runs in place of the parent's.
 
     It takes every argument `Trainer` takes; `args` is a [`GAMConfig`] (a plain `TrainingArguments` means GAM with
-    the default `gam_*` values). Only `training_step` changes: for each micro-batch it runs GAM's four forward and
-    backward passes (two for `gam_method="sam"`) and leaves the GAM direction in `p.grad`, with the parameters back at
-    their exact values. The Trainer's own optimizer, scheduler, clipping, gradient accumulation, checkpointing,
-    callbacks and logging run unchanged. `gam_method="none"` is the stock Trainer.
+    the default `gam_*` values). The step is what changes: for each micro-batch `training_step` runs GAM's four forward
+    and backward passes (two for `gam_method="sam"`) and leaves the GAM direction in `p.grad`, with the parameters back
+    at their exact values. The Trainer's own optimizer, scheduler, clipping, gradient accumulation, checkpointing,
+    callbacks and logging run unchanged (the module docstring lists every override). `gam_method="none"` is the stock
+    Trainer.
 
     Some trainers record metrics inside `compute_loss` (TRL's `SFTTrainer`: token count, entropy, token accuracy).
     They describe the batch at theta: the attributes named in `gam_pass_side_effects` are restored after each
@@ -55,11 +75,17 @@ class GAMMixin:
 
     def __init__(self, model=None, args: Optional[TrainingArguments] = None, *positional, **kwargs):
         if args is None:
-            args = GAMConfig(output_dir="trainer_output")
+            logger.info("No `TrainingArguments` passed, using `output_dir=tmp_trainer`.")
+            args = GAMConfig(output_dir="tmp_trainer")  # the stock Trainer's folder in that case
         args = as_gam_config(args)
         validate_gam_fields(args)
         if args.deepspeed:
             raise ValueError(_DEEPSPEED_MESSAGE)
+        if is_sagemaker_mp_enabled():
+            raise ValueError(
+                "GAMTrainer does not support SageMaker model parallelism: its training step runs the forward and "
+                "backward inside smdistributed's own step function, where GAM's passes cannot run."
+            )
         super().__init__(model, args, *positional, **kwargs)
         if self.is_deepspeed_enabled:
             raise ValueError(_DEEPSPEED_MESSAGE)
@@ -367,19 +393,22 @@ class GAMMixin:
         return logs
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """`Trainer.log`, with GAM's metrics added to a training log; like the stock method, it adds to `logs`."""
         if "loss" in logs and self.args.gam_method != "none":
-            logs = {**logs, **self._gam_logs()}
+            logs.update(self._gam_logs())
         super().log(logs, start_time)
 
     # ---- model card ----
 
-    def create_model_card(self, *args, tags: Optional[str | list[str]] = None, **kwargs) -> None:
-        """The stock model card, tagged `gam` and `sharpness-aware`, with a section recording GAM's settings."""
+    def create_model_card(self, language: Optional[str] = None, license: Optional[str] = None,
+                          tags: Optional[str | list[str]] = None, *args, **kwargs) -> None:
+        """The stock model card, tagged `gam` and `sharpness-aware`, with a section recording GAM's settings. Takes
+        the stock arguments, by keyword or in the stock order."""
         from .modelcard import GAM_TAGS, append_gam_section
 
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         tags += [t for t in GAM_TAGS if t not in tags]
-        super().create_model_card(*args, tags=tags, **kwargs)
+        super().create_model_card(language, license, tags, *args, **kwargs)
         if self.is_world_process_zero():
             append_gam_section(os.path.join(self.args.output_dir, "README.md"), self.args)
 
@@ -410,15 +439,13 @@ class GAMMixin:
         `PreTrainedModel` in the original key format, which the stock Trainer's raw `load_state_dict` leaves
         unloaded), `model.load_state_dict` converts them first, as `from_pretrained` does, then runs as the model
         defines it; afterwards a key that matched nothing, or a weight left out, is a `CheckpointMismatchError`.
-        Otherwise, and under FSDP, SageMaker MP or for PEFT adapters, the parent's loading runs untouched.
+        Otherwise, and under FSDP or for PEFT adapters, the parent's loading runs untouched.
         """
         from transformers.trainer_utils import _is_peft_model
-        from transformers.utils import is_sagemaker_mp_enabled
 
         from .checkpoint import KeyConversion, needs_key_conversion
 
-        if (self.is_fsdp_enabled or is_sagemaker_mp_enabled() or _is_peft_model(model)
-                or not needs_key_conversion(model, checkpoint)):
+        if self.is_fsdp_enabled or _is_peft_model(model) or not needs_key_conversion(model, checkpoint):
             yield
             return
         with KeyConversion(model) as conversion:
