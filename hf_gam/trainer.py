@@ -1,4 +1,24 @@
-"""`GAMTrainer`: the Hugging Face `Trainer` with GAM's passes inside `training_step`."""
+"""`GAMTrainer`: the Hugging Face `Trainer` with GAM's passes inside `training_step`.
+
+The methods `GAMMixin` overrides, against the stock ones of Transformers 5.24 (what each keeps; what it changes):
+
+- `__init__`: every stock argument and step, a `GAMConfig` kept as given and never written to; a plain
+  `TrainingArguments` becomes a `GAMConfig` copy, `gam_*` values are checked, DeepSpeed, SageMaker MP, LOMO and FSDP1
+  are refused, 16-bit trainable parameters and `activation_offloading` get a warning, and so does a model not loaded
+  with `from_pretrained` while the fine-tuning schedule is in force (it names `PRETRAIN_GAM`).
+- `_build_accelerator_args`: the stock arguments; with GAM at every step and `ddp_find_unused_parameters=None`, DDP
+  gets `find_unused_parameters=False`.
+- `_hp_search_setup`: the stock trial set-up; then the trial's `gam_*` values are checked.
+- `train`: the stock loop; first GAM's state (work buffers, stored correction, metrics) is dropped.
+- `training_step`: the stock step for plain steps; a GAM step keeps its context parallelism, `model.train()`,
+  `optimizer.train()`, input preparation, loss context, multi-GPU mean, accumulation scaling, `accelerator.backward`,
+  `torch_empty_cache_steps` and returned loss, and runs GAM's passes, leaving the GAM direction in `p.grad`.
+- `log`: the stock log, adding to the given dict; GAM's `gam/*` metrics are added to a training log.
+- `create_model_card`: the stock card and arguments; `gam` tags and a section with GAM's settings are added.
+- `_load_from_checkpoint`, `_load_best_model`: the parent trainer's method; a checkpoint whose key names are not the
+  model's is converted to them first (see `_gam_key_conversion`).
+- `_issue_warnings_after_load`: the stock warnings, except while such a checkpoint loads (checked after, as an error).
+"""
 
 import contextlib
 import copy
@@ -9,10 +29,11 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from accelerate.utils import DistributedDataParallelKwargs
 from accelerate.utils.memory import clear_device_cache
 from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
-from transformers.utils import logging
+from transformers.utils import is_sagemaker_mp_enabled, logging
 
 from .config import GAMConfig, gam_config_class, uses_finetuning_schedule, validate_gam_fields
 from .gam import DTensor, DataParallel, GAMHyperParams, GAMStats, GAMStep, norm_layers, sharded_sum
@@ -40,10 +61,11 @@ class GAMMixin:
     `training_step` runs in place of the parent's.
 
     It takes every argument `Trainer` takes; `args` is a [`GAMConfig`] (a plain `TrainingArguments` means GAM with
-    the default `gam_*` values). Only `training_step` changes: for each micro-batch it runs GAM's four forward and
-    backward passes (two for `gam_method="sam"`) and leaves the GAM direction in `p.grad`, with the parameters back at
-    their exact values. The Trainer's own optimizer, scheduler, clipping, gradient accumulation, checkpointing,
-    callbacks and logging run unchanged. `gam_method="none"` is the stock Trainer.
+    the default `gam_*` values). The step is what changes: for each micro-batch `training_step` runs GAM's four forward
+    and backward passes (two for `gam_method="sam"`) and leaves the GAM direction in `p.grad`, with the parameters back
+    at their exact values. The Trainer's own optimizer, scheduler, clipping, gradient accumulation, checkpointing,
+    callbacks and logging run unchanged (the module docstring lists every override). `gam_method="none"` is the stock
+    Trainer.
 
     Some trainers record metrics inside `compute_loss` (TRL's `SFTTrainer`: token count, entropy, token accuracy).
     They describe the batch at theta: the attributes named in `gam_pass_side_effects` are restored after each
@@ -54,16 +76,17 @@ class GAMMixin:
 
     def __init__(self, model=None, args: Optional[TrainingArguments] = None, *positional, **kwargs):
         if args is None:
-            args = GAMConfig(output_dir="trainer_output")
+            logger.info("No `TrainingArguments` passed, using `output_dir=tmp_trainer`.")
+            args = GAMConfig(output_dir="tmp_trainer")  # the stock Trainer's folder in that case
         args = as_gam_config(args)
         validate_gam_fields(args)
         if args.deepspeed:
             raise ValueError(_DEEPSPEED_MESSAGE)
-        plain_steps = args.gam_interval > 1 or args.gam_start > 0
-        if args.ddp_find_unused_parameters is None and args.gam_method != "none" and not plain_steps:
-            # Every pass runs under `no_sync`, where DDP never reduces, so its search for unused parameters (a graph
-            # walk per forward) would buy nothing. Gradients are averaged by GAMTrainer itself.
-            args.ddp_find_unused_parameters = False
+        if is_sagemaker_mp_enabled():
+            raise ValueError(
+                "GAMTrainer does not support SageMaker model parallelism: its training step runs the forward and "
+                "backward inside smdistributed's own step function, where GAM's passes cannot run."
+            )
         super().__init__(model, args, *positional, **kwargs)
         if self.is_deepspeed_enabled:
             raise ValueError(_DEEPSPEED_MESSAGE)
@@ -99,6 +122,21 @@ class GAMMixin:
                 )
         self._gam_reset_metrics()
         self._gam_radii = (self.args.gam_grad_rho, self.args.gam_grad_norm_rho)
+        self._gam_checkpoint_conversion = None  # the `KeyConversion` of a checkpoint being loaded
+
+    def _build_accelerator_args(self, **kwargs) -> dict[str, Any]:
+        """The stock Accelerator arguments; with GAM at every step and `ddp_find_unused_parameters` left at None,
+        DDP does not search for unused parameters. Every pass runs under `no_sync`, where DDP never reduces, so the
+        search (a graph walk per forward) would buy nothing: GAMTrainer averages the gradients itself. The value is
+        set on the DDP arguments, never on `args`."""
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        args = self.args
+        every_step = args.gam_method != "none" and args.gam_interval == 1 and args.gam_start == 0
+        if args.ddp_find_unused_parameters is None and every_step:
+            for handler in accelerator_args.get("kwargs_handlers", []):
+                if isinstance(handler, DistributedDataParallelKwargs):
+                    handler.find_unused_parameters = False
+        return accelerator_args
 
     # ---- the step ----
 
@@ -359,61 +397,68 @@ class GAMMixin:
         return logs
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """`Trainer.log`, with GAM's metrics added to a training log; like the stock method, it adds to `logs`."""
         if "loss" in logs and self.args.gam_method != "none":
-            logs = {**logs, **self._gam_logs()}
+            logs.update(self._gam_logs())
         super().log(logs, start_time)
 
     # ---- model card ----
 
-    def create_model_card(self, *args, tags: Optional[str | list[str]] = None, **kwargs) -> None:
-        """The stock model card, tagged `gam` and `sharpness-aware`, with a section recording GAM's settings."""
+    def create_model_card(self, language: Optional[str] = None, license: Optional[str] = None,
+                          tags: Optional[str | list[str]] = None, *args, **kwargs) -> None:
+        """The stock model card, tagged `gam` and `sharpness-aware`, with a section recording GAM's settings. Takes
+        the stock arguments, by keyword or in the stock order."""
         from .modelcard import GAM_TAGS, append_gam_section
 
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         tags += [t for t in GAM_TAGS if t not in tags]
-        super().create_model_card(*args, tags=tags, **kwargs)
+        super().create_model_card(language, license, tags, *args, **kwargs)
         if self.is_world_process_zero():
             append_gam_section(os.path.join(self.args.output_dir, "README.md"), self.args)
 
     # ---- checkpoints ----
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
-        """Resume with every weight restored, through the key conversion `from_pretrained` applies.
-
-        The stock Trainer loads the raw file with `load_state_dict`, which leaves renamed weights (Transformers 5.x
-        saves the original key format) at their current values with only a warning. FSDP, SageMaker MP and PEFT
-        adapters keep the Trainer's own path.
-        """
-        from .checkpoint import load_checkpoint_weights
-
-        model = self.model if model is None else model
-        if self._own_checkpoint_loading(model, resume_from_checkpoint):
-            logger.info(f"Loading model from {resume_from_checkpoint}.")
-            load_checkpoint_weights(model, resume_from_checkpoint)
-        else:
+        """The parent trainer's `_load_from_checkpoint`, with the checkpoint's key names converted to the model's when
+        they differ (see `_gam_key_conversion`)."""
+        with self._gam_key_conversion(self.model if model is None else model, resume_from_checkpoint):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
-        """Load the best checkpoint with every weight restored (see `_load_from_checkpoint`)."""
-        from .checkpoint import load_checkpoint_weights
-
-        checkpoint = self.state.best_model_checkpoint
-        if self._own_checkpoint_loading(self.model, checkpoint):
-            logger.info(f"Loading best model from {checkpoint} (score: {self.state.best_metric}).")
-            load_checkpoint_weights(self.model, checkpoint)
-        else:
+        """The parent trainer's `_load_best_model`, with the key names converted as in `_load_from_checkpoint`."""
+        with self._gam_key_conversion(self.model, self.state.best_model_checkpoint):
             super()._load_best_model()
 
-    def _own_checkpoint_loading(self, model: nn.Module, checkpoint: str) -> bool:
-        """Whether `checkpoint` holds full-model weights that `load_checkpoint_weights` should load into `model`."""
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """The stock warnings, except for a checkpoint whose names are being converted: its keys are checked in the
+        model's names when the loading ends (the stock warnings of a sharded checkpoint compare the raw names)."""
+        if self._gam_checkpoint_conversion is None:
+            super()._issue_warnings_after_load(load_result)
+
+    @contextlib.contextmanager
+    def _gam_key_conversion(self, model: nn.Module, checkpoint: str):
+        """Around the parent trainer's loading of `checkpoint` into `model`.
+
+        When the checkpoint's full-model weights hold names that are not the model's (Transformers 5.x saves a
+        `PreTrainedModel` in the original key format, which the stock Trainer's raw `load_state_dict` leaves
+        unloaded), `model.load_state_dict` converts them first, as `from_pretrained` does, then runs as the model
+        defines it; afterwards a key that matched nothing, or a weight left out, is a `CheckpointMismatchError`.
+        Otherwise, and under FSDP or for PEFT adapters, the parent's loading runs untouched.
+        """
         from transformers.trainer_utils import _is_peft_model
-        from transformers.utils import is_sagemaker_mp_enabled
 
-        from .checkpoint import checkpoint_weight_files
+        from .checkpoint import KeyConversion, needs_key_conversion
 
-        if self.is_fsdp_enabled or is_sagemaker_mp_enabled() or _is_peft_model(model):
-            return False
-        return checkpoint_weight_files(checkpoint) is not None
+        if self.is_fsdp_enabled or _is_peft_model(model) or not needs_key_conversion(model, checkpoint):
+            yield
+            return
+        with KeyConversion(model) as conversion:
+            self._gam_checkpoint_conversion = conversion
+            try:
+                yield
+            finally:
+                self._gam_checkpoint_conversion = None
+        conversion.check(checkpoint)
 
 
 class GAMTrainer(GAMMixin, Trainer):

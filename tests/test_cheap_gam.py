@@ -151,6 +151,17 @@ def test_resume_rebuilds_the_correction_with_a_full_step(tmp_path):
     assert [h["gam/passes"] for h in resumed.logs] == [4, 4, 1]
 
 
+def test_a_second_train_on_the_same_trainer_starts_with_a_full_step(tmp_path):
+    torch.manual_seed(0)
+    recorder, trainer = train(TinyClassifier(), make_data(n=64), tmp_path, max_steps=4, gam_reuse_interval=2,
+                              save_strategy="steps", save_steps=1)
+    assert [h["gam/passes"] for h in recorder.logs] == [4, 1, 4, 1]
+    recorder.logs.clear()
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    # The correction the first run stored (at step 2) was made at other weights: step 1 runs full GAM.
+    assert [h["gam/passes"] for h in recorder.logs] == [4, 4, 1]
+
+
 @pytest.mark.parametrize("field, value", [("gam_reuse_interval", 0), ("gam_reuse_interval", 2.0), ("gam_start", 1.0),
                                           ("gam_start", -0.1)])
 def test_bad_values_are_refused(tmp_path, field, value):

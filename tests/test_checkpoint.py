@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, ViTConfig, ViTForImageClassification
 
-from hf_gam import GAMConfig, GAMTrainer
+from hf_gam import GAMConfig, GAMMixin, GAMTrainer
 from hf_gam.checkpoint import CheckpointMismatchError, load_checkpoint_weights
 
 
@@ -218,4 +218,127 @@ def test_tied_weight_left_out_of_the_checkpoint_is_tolerated(tmp_path):
     model = GPT2LMHeadModel(config)
     load_checkpoint_weights(model, str(tmp_path))
     assert model.lm_head.weight is model.transformer.wte.weight
+    assert differing(weights(model), weights(saved)) == []
+
+
+# ---- the model's own loading, the parent trainer's methods ----
+
+
+class DataOrderViTForImageClassification(ViTForImageClassification):  # the name's ending picks the loss
+    """A ViT that records the labels it trains on in a buffer whose length grows with the data seen; its own
+    `load_state_dict` resizes the buffer to the checkpoint's before loading."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.register_buffer("data_order", torch.zeros(0, dtype=torch.long))
+
+    def forward(self, pixel_values=None, labels=None, **kwargs):
+        if self.training and labels is not None:
+            self.data_order = torch.cat([self.data_order, labels])
+        return super().forward(pixel_values=pixel_values, labels=labels, **kwargs)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        self.data_order = torch.zeros_like(state_dict["data_order"])
+        return super().load_state_dict(state_dict, strict, assign)
+
+
+def _seeded(cls, seed):
+    config = tiny_vit(0).config
+    torch.manual_seed(seed)
+    return cls(config)
+
+
+def test_renamed_checkpoint_goes_through_the_models_own_load_state_dict(tmp_path):
+    full_gam = dict(gam_method="gam", gam_start=0.0, gam_rho_schedule="constant")
+    full = train(GAMTrainer, _seeded(DataOrderViTForImageClassification, 0), tmp_path / "full", **full_gam)
+    saved = load_file(tmp_path / "full" / "checkpoint-2" / "model.safetensors")
+    assert saved["data_order"].shape == (64,)  # 2 steps x 8 labels x 4 passes; a fresh model holds none
+    assert "vit.encoder.layer.0.attention.attention.query.weight" in saved  # and the encoder's names are converted
+    resumed = train(GAMTrainer, _seeded(DataOrderViTForImageClassification, 1), tmp_path / "resumed",
+                    resume=str(tmp_path / "full" / "checkpoint-2"), **full_gam)
+    assert differing(weights(resumed.model), weights(full.model)) == []
+
+
+class CalibratedViTForImageClassification(ViTForImageClassification):
+    """A ViT with a persistent buffer that older checkpoints lack; a load hook declares it optional when
+    `optional` is set."""
+
+    def __init__(self, config, optional=True):
+        super().__init__(config)
+        self.register_buffer("calibration", torch.ones(3))
+        if optional:
+            self.register_load_state_dict_post_hook(_calibration_is_optional)
+
+
+def _calibration_is_optional(module, incompatible_keys):
+    if "calibration" in incompatible_keys.missing_keys:
+        incompatible_keys.missing_keys.remove("calibration")
+
+
+@pytest.mark.parametrize("optional", [True, False])
+def test_a_weight_the_model_declares_optional_may_be_missing(gam_run, optional):
+    _, checkpoint = gam_run
+    model = CalibratedViTForImageClassification(tiny_vit(1).config, optional=optional)
+    if not optional:
+        with pytest.raises(CheckpointMismatchError, match="calibration"):
+            load_checkpoint_weights(model, str(checkpoint))
+        return
+    load_checkpoint_weights(model, str(checkpoint))
+    loaded = weights(model)
+    assert torch.equal(loaded.pop("calibration"), torch.ones(3))
+    assert differing(loaded, weights(ViTForImageClassification.from_pretrained(checkpoint))) == []
+
+
+class RecordingTrainer(Trainer):
+    """A trainer with its own checkpoint methods, as other Trainer subclasses have."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        self.loaded = getattr(self, "loaded", []) + [("resume", resume_from_checkpoint)]
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        self.loaded = getattr(self, "loaded", []) + [("best", self.state.best_model_checkpoint)]
+        super()._load_best_model()
+
+
+class RecordingGAMTrainer(GAMMixin, RecordingTrainer):
+    pass
+
+
+def test_the_parent_trainers_checkpoint_methods_run(gam_run, tmp_path):
+    final, source = gam_run
+    checkpoint = str(copy_checkpoint(source, tmp_path))
+    args = run_args(tmp_path / "resumed", eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8,
+                    load_best_model_at_end=True)
+    resumed = RecordingGAMTrainer(model=tiny_vit(seed=1), args=args, train_dataset=examples(),
+                                  eval_dataset=examples(8, seed=1))
+    resumed.train(resume_from_checkpoint=checkpoint)
+    best = str(tmp_path / "resumed" / "checkpoint-4")
+    assert resumed.loaded == [("resume", checkpoint), ("best", best)]
+    assert differing(weights(resumed.model), final) == []
+
+
+def tiny_mixtral(seed):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=20, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
+                           max_position_embeddings=16)
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(config)
+
+
+@pytest.mark.parametrize("shards", [False, True])
+def test_tensors_a_converter_combines_are_loaded_from_every_shard(tmp_path, shards):
+    # Mixtral saves one tensor per expert; the module holds them stacked, so conversion combines several tensors.
+    saved = tiny_mixtral(0)
+    saved.save_pretrained(tmp_path, max_shard_size="1KB" if shards else "50GB")
+    if shards:
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        experts = {f for k, f in index["weight_map"].items() if ".experts." in k}
+        assert len(experts) > 1
+    model = tiny_mixtral(1)
+    before = dict(model.named_parameters())
+    load_checkpoint_weights(model, str(tmp_path))
+    assert all(p is before[name] for name, p in model.named_parameters())
     assert differing(weights(model), weights(saved)) == []

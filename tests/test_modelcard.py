@@ -106,6 +106,23 @@ def test_section_on_the_stock_trainer_card(tmp_path):
     assert SECRET not in open(readme, encoding="utf-8").read()
 
 
+def test_gam_trainer_card_takes_the_stock_arguments_in_the_stock_order(tmp_path):
+    from huggingface_hub import ModelCard
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from hf_gam import GAMTrainer
+
+    config = ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                       image_size=8, patch_size=4, num_labels=2)
+    args = make_args(tmp_path)
+    trainer = GAMTrainer(model=ViTForImageClassification(config), args=args)
+    trainer.create_model_card("en", "mit", ["image-classification"], "tiny")  # language, license, tags, model_name
+    card = ModelCard.load(os.path.join(args.output_dir, "README.md"))
+    assert (card.data.language, card.data.license) == (["en"], "mit")
+    assert {"gam", "sharpness-aware", "image-classification"} <= set(card.data.tags)
+    assert "# tiny" in card.text and read_gam_section(card.text)["gam_method"] == "gam"
+
+
 @pytest.mark.parametrize("setting, name", [("CHEAP_GAM", "`hf_gam.CHEAP_GAM` (a cheaper setting for fine-tuning)"),
                                            ("PRETRAIN_GAM", "`hf_gam.PRETRAIN_GAM` (for training from scratch)")])
 def test_section_names_the_ready_setting_used(tmp_path, setting, name):

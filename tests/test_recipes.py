@@ -2,7 +2,6 @@
 with `save_pretrained`. Only the Hub's network boundary (`HfApi.create_repo` / `HfApi.upload_folder`)
 is replaced, in the push test."""
 
-import concurrent.futures
 import importlib.util
 import json
 import os
@@ -19,8 +18,7 @@ import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from huggingface_hub import HfApi, ModelCard, RepoUrl  # noqa: E402
-from huggingface_hub.utils import filter_repo_objects  # noqa: E402
+from huggingface_hub import HfApi, ModelCard  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import (  # noqa: E402
     AutoImageProcessor,
@@ -33,6 +31,7 @@ from transformers import (  # noqa: E402
 from hf_gam import GAMTrainer  # noqa: E402
 from hf_gam.modelcard import GAM_CITATION, read_gam_section, read_test_results  # noqa: E402
 from hf_gam.vision import RecipeError, build_transforms  # noqa: E402
+from hub import FakeHub  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog", "fox")
@@ -224,36 +223,6 @@ def test_recipe_errors_are_one_line_messages(assets, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: Unknown dataset preset 'birdsnap'")
     assert "Traceback" not in result.stderr
-
-
-class FakeHub:
-    """Stands in for the Hub behind `HfApi.create_repo` and `HfApi.upload_folder`: uploads land in a folder."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.created: list[str] = []
-        self.uploads: list[dict] = []
-
-    def create_repo(self, api, repo_id, *, token=None, private=None, exist_ok=False, **kwargs):
-        self.created.append(repo_id)
-        (self.root / repo_id).mkdir(parents=True, exist_ok=True)
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, api, *, repo_id, folder_path, path_in_repo=None, commit_message=None, token=None,
-                      run_as_future=False, ignore_patterns=None, allow_patterns=None, **kwargs):
-        self.uploads.append({"repo_id": repo_id, "token": token, "message": commit_message})
-        target = self.root / repo_id / (path_in_repo or "")
-        folder = Path(folder_path)
-        files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
-        for relative in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
-            (target / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(folder / relative, target / relative)
-        result = f"https://huggingface.co/{repo_id}/commit/0"
-        if run_as_future:
-            future = concurrent.futures.Future()
-            future.set_result(result)
-            return future
-        return result
 
 
 def test_push_to_hub_uploads_model_and_gam_card(assets, tmp_path, monkeypatch):

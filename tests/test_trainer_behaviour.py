@@ -198,6 +198,35 @@ def test_plain_training_arguments_mean_gam_defaults(tmp_path):
     assert (trainer.args.gam_method, trainer.args.gam_grad_rho, trainer.args.gam_grad_norm_rho) == ("gam", 0.02, 0.2)
 
 
+def test_log_adds_to_the_dict_it_is_given_as_the_stock_log_does(tmp_path):
+    given = {}
+    for name, trainer_class in (("stock", Trainer), ("gam", GAMTrainer)):
+        args = sgd_args(tmp_path, logging_strategy="steps", logging_steps=1)
+        trainer = trainer_class(model=TinyClassifier(), args=args, train_dataset=make_data(n=8))
+        trainer.train()
+        given[name] = {"loss": 0.5}
+        trainer.log(given[name])
+    assert given["gam"] == given["stock"] == {"loss": 0.5, "epoch": 1.0}
+
+
+def test_no_arguments_means_the_stock_output_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert GAMTrainer(model=TinyClassifier()).args.output_dir == Trainer(model=TinyClassifier()).args.output_dir
+
+
+@pytest.mark.parametrize("overrides, find_unused", [
+    (dict(gam_start=0.0), False),  # GAM at every step: every pass runs under no_sync
+    (dict(gam_start=0.5), True),  # stock steps first: the stock default (True for a module that is not a PreTrainedModel)
+    (dict(gam_start=0.0, ddp_find_unused_parameters=True), True),  # the caller's choice
+])
+def test_ddp_unused_parameter_search_is_decided_without_changing_args(tmp_path, overrides, find_unused):
+    args = sgd_args(tmp_path, **overrides)
+    given = args.ddp_find_unused_parameters
+    trainer = GAMTrainer(model=TinyClassifier(), args=args, train_dataset=make_data())
+    assert trainer.args is args and args.ddp_find_unused_parameters is given
+    assert trainer.accelerator.ddp_handler.find_unused_parameters is find_unused
+
+
 @pytest.mark.parametrize(
     "field, value",
     [("gam_grad_rho", -0.1), ("gam_grad_norm_rho", -1.0), ("gam_gamma", -0.5), ("gam_alpha", 1.5),
@@ -222,6 +251,14 @@ def test_deepspeed_is_refused_naming_fsdp(tmp_path):
     args.deepspeed = {"train_micro_batch_size_per_gpu": 8}
     with pytest.raises(ValueError, match="FSDP"):
         GAMTrainer(model=TinyClassifier(), args=args, train_dataset=make_data())
+
+
+def test_sagemaker_model_parallelism_is_refused(tmp_path, monkeypatch):
+    import hf_gam.trainer
+
+    monkeypatch.setattr(hf_gam.trainer, "is_sagemaker_mp_enabled", lambda: True)
+    with pytest.raises(ValueError, match="SageMaker model parallelism"):
+        GAMTrainer(model=TinyClassifier(), args=sgd_args(tmp_path), train_dataset=make_data())
 
 
 def test_work_buffers_are_at_most_three_parameter_copies(tmp_path):
