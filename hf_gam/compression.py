@@ -50,7 +50,6 @@ __all__ = [
     "compressible_modules",
     "compression_report",
     "format_table",
-    "measure_dataloader",
     "prune_global_magnitude",
     "quantize_dynamic_int8",
     "quantize_weights_rtn",
@@ -328,13 +327,6 @@ def report_over_ranks(model: nn.Module, batches, compressions: Sequence[Compress
     torch.distributed.all_reduce(values)
     values /= torch.distributed.get_world_size()
     return dict(zip(report, values.tolist()))
-
-
-def measure_dataloader(model: nn.Module, dataloader, num_examples: int | None = 1024,
-                       compressions: Sequence[Compression | str] = DEFAULT_COMPRESSIONS, **kwargs) -> dict[str, float]:
-    """`report_over_ranks` on the first `num_examples` examples of `dataloader` (per process; all if `None`)."""
-    return report_over_ranks(model, take_examples(dataloader, num_examples, "measure_dataloader"), compressions,
-                             **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from transformers import (  # noqa: E402
 )
 
 from hf_gam import GAMTrainer  # noqa: E402
-from hf_gam.modelcard import GAM_CITATION, read_gam_section, read_test_results  # noqa: E402
+from hf_gam.compression import DEFAULT_COMPRESSIONS  # noqa: E402
+from hf_gam.modelcard import GAM_CITATION, read_compression_table, read_gam_section, read_test_results  # noqa: E402
 from hf_gam.vision import RecipeError, build_transforms  # noqa: E402
 from hub import FakeHub  # noqa: E402
 
@@ -128,6 +129,13 @@ def check_saved_run(output_dir: Path, assets: Path, trained_model=None, metrics=
     card = ModelCard.load(output_dir / "README.md")
     assert {"gam", "sharpness-aware", "image-classification"} <= set(card.data.tags)
     assert GAM_CITATION in card.text
+    # Accuracy after compression, measured on the validation split (these runs have no test split): all of it.
+    compression = read_compression_table(card.text)
+    assert list(compression) == ["baseline", *(c.name for c in DEFAULT_COMPRESSIONS)]
+    assert f"{len(labels)} examples of the split `{assets / 'validation'}`" in card.text
+    if metrics is not None:
+        assert compression["baseline"] == pytest.approx(metrics["eval_accuracy"], abs=1e-4)
+        assert metrics["compression_pruned_90"] == pytest.approx(compression["pruned_90"], abs=1e-4)
     return card
 
 
@@ -205,9 +213,14 @@ def test_finegrained_recipe_on_a_dataset_with_its_own_column_names(assets, tmp_p
         "--max_steps", "1",
         "--save_strategy", "no",
         "--gam_method", "none",
+        "--compression_eval_samples", "12",
     ]
     metrics = recipe.main(argv)
     assert "eval_accuracy" in metrics and "test_accuracy" in metrics
+    # The stock step's card has the table too, measured on (here all 12 of) the test split's examples.
+    card = ModelCard.load(tmp_path / "custom-run" / "README.md")
+    assert "12 examples of the split `test`" in card.text
+    assert read_compression_table(card.text)["baseline"] == pytest.approx(metrics["test_accuracy"], abs=1e-4)
     with pytest.raises(Exception, match="label column 'label'.*photo, species"):
         recipe.main(argv[: argv.index("--label_column_name")] + ["--max_steps", "1"])
 

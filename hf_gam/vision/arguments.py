@@ -111,7 +111,7 @@ class DataTrainingArguments:
         metadata={
             "help": "After training, the model card's table 'Accuracy after compression' (pruning, low-bit and int8 "
             "weights, weight noise; `hf_gam.compression`) is measured on this many examples of the test split (of "
-            "the validation split when there is no test split), per process. 0 skips it."
+            "the validation split when there is no test split). 0 skips it."
         },
     )
 

@@ -186,10 +186,12 @@ def evaluate_test_split(trainer: Any, test_dataset: Any, data: ResolvedData) -> 
 
 def measure_compression(trainer: Any, splits: Splits, data: ResolvedData, num_examples: int) -> dict[str, float]:
     """Accuracy of the final model after each compression of `hf_gam.compression` (on copies), on the first
-    `num_examples` examples of the test split (of the validation split when there is none) per process: logged,
-    saved to `compression_results.json` and kept for the model card's table. `num_examples=0` skips it."""
-    from hf_gam.compression import report_over_ranks
-    from hf_gam.flatness import batch_size, take_examples
+    `num_examples` examples of the test split (of the validation split when there is none): logged, saved to
+    `compression_results.json` and kept for the model card's table. Every process measures the same examples, so
+    the numbers need no gathering. `num_examples=0` skips it."""
+    from torch.utils.data import DataLoader
+
+    from hf_gam.compression import compression_report
 
     if num_examples <= 0:
         return {}
@@ -199,13 +201,13 @@ def measure_compression(trainer: Any, splits: Splits, data: ResolvedData, num_ex
     else:
         dataset = splits.validation
         split_name = data.validation_dir or data.validation_split or "validation (held out from train)"
-    batches = take_examples(trainer.get_eval_dataloader(dataset), num_examples, "measure_compression")
-    report = report_over_ranks(trainer.model, batches)
-    measured = sum(batch_size(batch) for batch in batches) * trainer.args.world_size
+    examples = dataset.select(range(min(num_examples, len(dataset))))
+    loader = DataLoader(examples, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
+    report = compression_report(trainer.model, list(loader))
     metrics = {f"compression_{name}": value for name, value in report.items()}
     trainer.log_metrics("compression", metrics)
     trainer.save_metrics("compression", metrics)
-    trainer.compression = (report, split_name, measured)
+    trainer.compression = (report, split_name, len(examples))
     return metrics
 
 
