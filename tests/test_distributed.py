@@ -212,7 +212,7 @@ def test_accelerate_launch_two_processes_trains_and_checkpoint_loads(tmp_path):
     assert result["world_size"] == 2
     losses = result["losses"]
     assert losses[-1] < 0.9 * losses[0], losses
-    # The defaults: stock DDP steps for the first 75% of the 32 steps, GAM after (the two paths in one run).
+    # PRETRAIN_GAM: stock DDP steps for the first 75% of the 32 steps, GAM after (the two paths in one run).
     logs = [h for h in result["log_history"] if "loss" in h]
     assert "gam/flatness" not in logs[0] and logs[0]["gam/passes"] == 1
     assert "gam/flatness" in logs[-1] and logs[-1]["gam/passes"] == 4

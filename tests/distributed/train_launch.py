@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_gam import GAMConfig, GAMTrainer  # noqa: E402
+from hf_gam import PRETRAIN_GAM, GAMConfig, GAMTrainer  # noqa: E402
 from tiny import TinyClassifier  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def main():
     model = TinyClassifier(hidden=16, dtype=torch.float32)
     args = GAMConfig(output_dir=out_dir, per_device_train_batch_size=16, num_train_epochs=4, learning_rate=0.3,
                      optim="sgd", logging_steps=4, save_strategy="steps", save_steps=16, report_to="none",
-                     remove_unused_columns=False, use_cpu=True, disable_tqdm=True, gam_grad_rho=0.05)
+                     remove_unused_columns=False, use_cpu=True, disable_tqdm=True, gam_grad_rho=0.05, **PRETRAIN_GAM)
     trainer = GAMTrainer(model=model, args=args, train_dataset=learnable_data())
     trainer.train()
     assert trainer.args.world_size == 2, trainer.args.world_size
