@@ -4,9 +4,9 @@ Every arm trains the same model (same initial weights) on the same batches throu
 `gam_method="none"` (the stock Trainer step), "sam", "gam", "gam" with `gam_interval=2`, and "gam" with
 `gam_reuse_interval` k (full GAM every k-th step, one pass plus the stored correction between) or
 `gam_batch_fraction` f (GAM's passes on a part of each micro-batch), all at every step with constant radii; and
-the package's own settings, `GAMConfig()`'s defaults and `hf_gam.CHEAP_GAM`, which start GAM at 75% of the run
-(their time ratio covers a window with the same quarter of GAM steps as a whole run; their memory is that of
-their GAM steps). "stock step x4" runs the stock step 4 times on each micro-batch: the floor of GAM's 4 passes
+the package's own settings, `GAMConfig()`'s defaults, `hf_gam.PRETRAIN_GAM` (which starts GAM at 75% of the run:
+its time ratio covers a window with the same quarter of GAM steps as a whole run, its memory is that of its GAM
+steps) and `hf_gam.CHEAP_GAM`. "stock step x4" runs the stock step 4 times on each micro-batch: the floor of GAM's 4 passes
 with nothing else added.
 
 * Time: a callback reads the clock at `on_step_begin` and `on_step_end`, so a step is the forward and backward
@@ -68,7 +68,7 @@ if os.environ.get("STEP_COST_COUNT_COLLECTIVES") == "1":
 
 import torch  # noqa: E402
 
-# GAM and SAM at every step with constant radii (the defaults start GAM late; see the "defaults" arms).
+# GAM and SAM at every step with constant radii: the defaults (`hf_gam.FINETUNE_GAM`), written out.
 EVERY_STEP = dict(gam_start=0.0, gam_rho_schedule="constant")
 ARMS = {
     "stock Trainer": dict(gam_method="none"),
@@ -77,26 +77,27 @@ ARMS = {
     "SAM": dict(gam_method="sam", **EVERY_STEP),
     "GAM": dict(gam_method="gam", **EVERY_STEP),
     "GAM, interval 2": dict(gam_method="gam", gam_interval=2, **EVERY_STEP),
+    "GAM, interval 3": dict(gam_method="gam", gam_interval=3, **EVERY_STEP),
     "GAM, reuse 2": dict(gam_method="gam", gam_reuse_interval=2, **EVERY_STEP),
+    "GAM, reuse 3": dict(gam_method="gam", gam_reuse_interval=3, **EVERY_STEP),
     "GAM, reuse 4": dict(gam_method="gam", gam_reuse_interval=4, **EVERY_STEP),
-    "GAM, reuse 8": dict(gam_method="gam", gam_reuse_interval=8, **EVERY_STEP),
     "GAM, batch fraction 1/4": dict(gam_method="gam", gam_batch_fraction=0.25, **EVERY_STEP),
     "GAM, batch fraction 1/8": dict(gam_method="gam", gam_batch_fraction=0.125, **EVERY_STEP),
-    # The package's settings as they are: over a 10-step run with 2 steps dropped, steps 8-9 run GAM (gam_start
-    # 0.75), so the measured window holds the same quarter of GAM steps as any run.
+    # The package's settings as they are. PRETRAIN_GAM starts GAM at 75% of the run: over a 14-step run with 2 steps
+    # dropped, steps 11-13 run GAM, so the measured window holds the same quarter of GAM steps as any run.
     "GAMConfig() defaults": dict(),
-    "defaults, interval 2": dict(gam_interval=2),
+    "PRETRAIN_GAM": "PRETRAIN_GAM",
     "CHEAP_GAM": "CHEAP_GAM",
 }
 SETTINGS = {
     # image side, patch, hidden, layers, batch, rounds, steps per run, dropped steps per run
-    # steps - drop = 8: every measured window holds whole cycles of the reuse intervals 2, 4 and 8.
-    "full": dict(image=32, patch=4, hidden=128, layers=4, batch=32, rounds=7, steps=10, drop=2),
-    "quick": dict(image=16, patch=4, hidden=32, layers=1, batch=16, rounds=2, steps=9, drop=1),
+    # steps - drop = 12: every measured window holds whole cycles of the intervals 2, 3 and 4.
+    "full": dict(image=32, patch=4, hidden=128, layers=4, batch=32, rounds=7, steps=14, drop=2),
+    "quick": dict(image=16, patch=4, hidden=32, layers=1, batch=16, rounds=2, steps=13, drop=1),
     # For a CUDA GPU (`benchmarks/gpu_check.sh`): a ViT-S/16-sized model at 224 px.
-    "gpu": dict(image=224, patch=16, hidden=384, layers=6, batch=64, rounds=5, steps=10, drop=2),
+    "gpu": dict(image=224, patch=16, hidden=384, layers=6, batch=64, rounds=5, steps=14, drop=2),
     # A ViT-B/16-sized model, to see which costs follow the compute and which the number of passes.
-    "gpu_large": dict(image=224, patch=16, hidden=768, layers=12, batch=96, rounds=3, steps=10, drop=2),
+    "gpu_large": dict(image=224, patch=16, hidden=768, layers=12, batch=96, rounds=3, steps=14, drop=2),
 }
 
 
@@ -142,11 +143,11 @@ class StepClock:
 
 
 def resolve_arm(arm) -> dict:
-    """A copy of the arm's keyword arguments ("CHEAP_GAM" names `hf_gam.CHEAP_GAM`)."""
-    if arm == "CHEAP_GAM":
-        from hf_gam import CHEAP_GAM
+    """A copy of the arm's keyword arguments (a string names a ready setting: "CHEAP_GAM" is `hf_gam.CHEAP_GAM`)."""
+    if isinstance(arm, str):
+        import hf_gam
 
-        return dict(CHEAP_GAM)
+        return dict(getattr(hf_gam, arm))
     return dict(arm)
 
 
