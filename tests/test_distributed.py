@@ -198,6 +198,14 @@ def test_fsdp2_training_step_equals_one_process_on_the_global_batch(ranks):
     assert relative_error(flat(reused["d"]), expected) < 1e-10
 
 
+def test_compression_report_is_the_mean_over_ranks_on_every_rank(ranks):
+    everyone = ranks("compression")
+    local = [rank["local"] for rank in everyone]
+    assert local[0] != local[1]  # the ranks measured different examples
+    for rank in everyone:
+        assert rank["reduced"] == pytest.approx({k: (local[0][k] + local[1][k]) / 2 for k in local[0]}, abs=1e-12)
+
+
 def test_accelerate_launch_two_processes_trains_and_checkpoint_loads(tmp_path):
     from safetensors.torch import load_file
 

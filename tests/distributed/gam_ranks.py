@@ -1,6 +1,6 @@
 """Run with `torchrun --nproc_per_node 2 gam_ranks.py OUT_DIR [SCENARIO ...]` (every scenario by default): GAM under
-DDP (local and global) through GAMTrainer, a non-finite pass on one rank only, and FSDP2 (`fully_shard`) through
-`GAMTrainer.training_step`, on CPU with gloo.
+DDP (local and global) through GAMTrainer, a non-finite pass on one rank only, FSDP2 (`fully_shard`) through
+`GAMTrainer.training_step`, and accuracy after compression averaged over ranks, on CPU with gloo.
 
 Rank 0 saves, per scenario, the parameters after each optimizer step and the collectives counted per step. A
 collective waits at most `TIMEOUT`, so a rank left waiting by the other fails the run instead of hanging it.
@@ -146,6 +146,20 @@ def fsdp2_scenario(out_dir, model, data):
         torch.save({"calls": calls, "logs": logs}, os.path.join(out_dir, "fsdp2.pt"))
 
 
+def compression_scenario(out_dir, model, data):
+    """`hf_gam.compression.report_over_ranks`: each rank measures its own 8 examples; rank 0 saves every rank's local
+    report and the reduced one of each rank."""
+    from hf_gam.compression import compression_report, report_over_ranks
+
+    batch = batch_of(data, 8 * dist.get_rank(), 8)
+    names = ["prune:0.5", "rtn:2", "noise:0.5"]
+    mine = {"local": compression_report(model, [batch], names), "reduced": report_over_ranks(model, batch, names)}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if dist.get_rank() == 0:
+        torch.save(everyone, os.path.join(out_dir, "compression.pt"))
+
+
 def main():
     out_dir, only = sys.argv[1], set(sys.argv[2:])
     dist.init_process_group("gloo", timeout=TIMEOUT)
@@ -175,6 +189,7 @@ def main():
         "nonfinite_scaler_reuse": lambda: nonfinite_scenario(out_dir, "nonfinite_scaler_reuse", make_data(n=32, seed=0),
                                                              scaler=True, max_steps=2, gam_reuse_interval=2),
         "fsdp2": lambda: fsdp2_scenario(out_dir, copy.deepcopy(model), make_data(n=32, seed=0)),
+        "compression": lambda: compression_scenario(out_dir, copy.deepcopy(model), data),
     }
     for name, run in scenarios.items():
         if not only or name in only:
