@@ -50,17 +50,15 @@ import io
 import json
 import math
 import os
-import random
 import statistics
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generalization import check_arms, count_training_examples, paired, parse_arm, t_interval  # noqa: E402
+from generalization import count_training_examples, paired, parse_arm, run_grid, t_interval  # noqa: E402
 
 from hf_gam.vision import collate_fn  # noqa: E402
 from hf_gam.vision.digits import (  # noqa: E402
@@ -222,30 +220,15 @@ def run_arm(s: dict, task: Task, arm: dict, out_dir: str) -> dict:
 
 def run(s: dict, arms: dict[str, dict], log=print) -> dict:
     """Every scenario x seed x arm (arms of one seed in a shuffled order); returns the raw per-run rows."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    check_arms(arms)
-    runs = []
-    start = time.perf_counter()
-    total = len(s["scenarios"]) * len(s["seeds"]) * len(arms)
-    with tempfile.TemporaryDirectory() as work_dir:
-        for name in s["scenarios"]:
-            for seed in s["seeds"]:
-                task = make_task(s, name, seed, work_dir)
-                order = list(arms)
-                random.Random(seed).shuffle(order)
-                for arm in order:
-                    row = dict(scenario=name, seed=seed, arm=arm, config=arms[arm],
-                               **run_arm(s, task, arms[arm], tempfile.mkdtemp(dir=work_dir)))
-                    runs.append(row)
-                    c = row["compression"]
-                    log(f"[{time.perf_counter() - start:6.0f} s] {len(runs)}/{total} {name} seed {seed} {arm}: "
-                        f"train {row['train']:.3f} val {row['val']:.3f} test {row['test']:.3f} "
-                        f"pruned_90 {c['pruned_90']:.3f} 2-bit {c['weights_2bit']:.3f} eig {row['eig']:.3g} "
-                        f"examples {row['examples']}")
+    runs = run_grid(
+        "scenario", s["scenarios"], s["seeds"], arms,
+        prepare=lambda name, seed, work_dir: make_task(s, name, seed, work_dir),
+        run_one=lambda task, arm, seed, out_dir: run_arm(s, task, arm, out_dir),
+        describe=lambda r: (f"train {r['train']:.3f} val {r['val']:.3f} test {r['test']:.3f} pruned_90 "
+                            f"{r['compression']['pruned_90']:.3f} 2-bit {r['compression']['weights_2bit']:.3f} "
+                            f"eig {r['eig']:.3g} examples {r['examples']}"),
+        log=log,
+    )
     return {"settings": s, "arms": arms, "runs": runs}
 
 

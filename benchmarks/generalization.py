@@ -435,8 +435,12 @@ def run_arm(s: dict, regime: Regime, arm: dict, seed: int, out_dir: str) -> dict
                 test=accuracy(model, regime.test), eig=flat["top_eigenvalue"], examples=examples, seconds=seconds)
 
 
-def run(s: dict, arms: dict[str, dict], log=print) -> dict:
-    """Every regime x seed x arm (arms of one seed in a shuffled order); returns the raw per-run rows."""
+def run_grid(key: str, groups: list[str], seeds: list[int], arms: dict[str, dict], prepare, run_one, describe,
+             log=print) -> list[dict]:
+    """Every group x seed x arm: `prepare(group, seed, work_dir)` once per group and seed, then `run_one(prepared,
+    arm config, seed, out_dir)` for each arm, in an order shuffled by the seed, each in a fresh folder (the recipe
+    resumes from checkpoints it finds). Returns the rows (`key`: the group, seed, arm, config, and what `run_one`
+    returned), each logged with `describe(row)` as it ends."""
     import datasets
     import transformers
 
@@ -445,21 +449,32 @@ def run(s: dict, arms: dict[str, dict], log=print) -> dict:
     check_arms(arms)
     runs = []
     start = time.perf_counter()
-    total = len(s["regimes"]) * len(s["seeds"]) * len(arms)
+    total = len(groups) * len(seeds) * len(arms)
     with tempfile.TemporaryDirectory() as work_dir:
-        for regime_name in s["regimes"]:
-            for seed in s["seeds"]:
-                regime = REGIMES[regime_name](s, seed, work_dir)
+        for group in groups:
+            for seed in seeds:
+                prepared = prepare(group, seed, work_dir)
                 order = list(arms)
                 random.Random(seed).shuffle(order)
                 for name in order:
-                    out_dir = tempfile.mkdtemp(dir=work_dir)  # fresh: the recipe resumes from checkpoints it finds
-                    row = dict(regime=regime_name, seed=seed, arm=name, config=arms[name],
-                               **run_arm(s, regime, arms[name], seed, out_dir))
+                    row = {key: group, "seed": seed, "arm": name, "config": arms[name],
+                           **run_one(prepared, arms[name], seed, tempfile.mkdtemp(dir=work_dir))}
                     runs.append(row)
-                    log(f"[{time.perf_counter() - start:6.0f} s] {len(runs)}/{total} {regime_name} seed {seed} {name}: "
-                        f"train {row['train']:.3f} val {row['val']:.3f} test {row['test']:.3f} eig {row['eig']:.3g} "
-                        f"examples {row['examples']} {row['seconds']:.1f} s")
+                    log(f"[{time.perf_counter() - start:6.0f} s] {len(runs)}/{total} {group} seed {seed} {name}: "
+                        + describe(row))
+    return runs
+
+
+def run(s: dict, arms: dict[str, dict], log=print) -> dict:
+    """Every regime x seed x arm (arms of one seed in a shuffled order); returns the raw per-run rows."""
+    runs = run_grid(
+        "regime", s["regimes"], s["seeds"], arms,
+        prepare=lambda regime, seed, work_dir: REGIMES[regime](s, seed, work_dir),
+        run_one=lambda regime, arm, seed, out_dir: run_arm(s, regime, arm, seed, out_dir),
+        describe=lambda r: (f"train {r['train']:.3f} val {r['val']:.3f} test {r['test']:.3f} eig {r['eig']:.3g} "
+                            f"examples {r['examples']} {r['seconds']:.1f} s"),
+        log=log,
+    )
     return {"settings": s, "arms": arms, "runs": runs}
 
 

@@ -19,7 +19,6 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import torch
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
 

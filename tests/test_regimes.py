@@ -10,7 +10,7 @@ import hf_gam
 from hf_gam import GAMConfig, GAMTrainer
 from hf_gam.config import uses_finetuning_schedule
 from hf_gam.trainer import loaded_from_pretrained
-from tiny import TinyClassifier, make_data
+from tiny import TinyClassifier
 
 
 def _vit():
