@@ -40,7 +40,7 @@ def class_indices(labels: Sequence[int], classes: Sequence[int]) -> list[int]:
 def split_target(labels: Sequence[int], classes: Sequence[int], n_test: int = 300,
                  n_validation: int = 100) -> tuple[list[int], list[int], list[int]]:
     """`(test, validation, pool)` indices of the images of `classes`: one fixed shuffle (seed 0), stratified by class.
-    The pool is what fine-tuning sets are drawn from (497 images for the digits 5-9 or 0-4)."""
+    The pool is what fine-tuning sets are drawn from (496 images for the digits 5-9, 501 for 0-4)."""
     from sklearn.model_selection import train_test_split
 
     index = class_indices(labels, classes)
