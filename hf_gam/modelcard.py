@@ -82,22 +82,22 @@ def gam_settings(args: Any) -> dict[str, str]:
 
 
 def named_setting(args: Any) -> str | None:
-    """The ready setting the run used, as the card names it: `GAMConfig()`'s defaults (every `gam_*` value at its
-    default), else the most specific of the `hf_gam.*_GAM` settings whose every value the run has; `None` for any
-    other setting."""
+    """The ready setting the run used, as the card names it: `GAMConfig()`'s defaults when every `gam_*` value is its
+    default, else the `hf_gam.*_GAM` setting whose values on top of the defaults are exactly the run's; `None` for any
+    other setting (its values are in the card's table all the same)."""
     from dataclasses import fields as dataclass_fields
 
     from .config import CHEAP_GAM, FINETUNE_GAM, PRETRAIN_GAM, RELEASED_GAM, GAMConfig
 
     defaults = {f.name: f.default for f in dataclass_fields(GAMConfig) if f.name.startswith("gam_")}
-    if all(getattr(args, name, None) == value for name, value in defaults.items()):
+    run = {name: getattr(args, name, None) for name in defaults}
+    if run == defaults:
         return "the defaults of `GAMConfig`, for fine-tuning (`hf_gam.FINETUNE_GAM`)"
-    presets = (("FINETUNE_GAM", FINETUNE_GAM, "for fine-tuning"),
-               ("PRETRAIN_GAM", PRETRAIN_GAM, "for training from scratch"),
-               ("CHEAP_GAM", CHEAP_GAM, "a cheaper setting for fine-tuning"),
-               ("RELEASED_GAM", RELEASED_GAM, "the released values"))
-    for name, setting, purpose in sorted(presets, key=lambda preset: -len(preset[1])):  # the most specific first
-        if all(getattr(args, key, None) == value for key, value in setting.items()):
+    for name, setting, purpose in (("PRETRAIN_GAM", PRETRAIN_GAM, "for training from scratch"),
+                                   ("CHEAP_GAM", CHEAP_GAM, "for fine-tuning at less compute"),
+                                   ("FINETUNE_GAM", FINETUNE_GAM, "for fine-tuning"),
+                                   ("RELEASED_GAM", RELEASED_GAM, "the released values")):
+        if run == {**defaults, **setting}:
             return f"`hf_gam.{name}` ({purpose})"
     return None
 
