@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,8 +37,6 @@ import torch
 from torch import nn
 
 from .flatness import BoundCallback, as_batches, take_examples
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_COMPRESSIONS",
