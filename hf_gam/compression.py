@@ -400,8 +400,10 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("checkpoint", help="directory written by save_pretrained / a Trainer checkpoint")
     parser.add_argument("--data", default="digits",
-                        help="'digits' (scikit-learn, bundled) or an imagefolder path (<dir>/<class>/<image>)")
-    parser.add_argument("--split", default="test", help="digits split: train, validation or test")
+                        help="'digits' (scikit-learn, bundled) or an imagefolder path (<dir>/<class>/<image>): at most "
+                        "--num-examples images, taken from the classes in turn")
+    parser.add_argument("--split", default="test", help="digits split (train, validation or test); for an "
+                        "imagefolder, the subfolder <dir>/<split> when there is one")
     parser.add_argument("--num-examples", type=int, default=1024, help="at most this many examples")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--compressions", default=",".join(c.kind if c.level is None else f"{c.kind}:{c.level:g}"

@@ -36,6 +36,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -569,33 +570,60 @@ def digits_examples(split: str = "test", seed: int = 0) -> list[dict]:
     return [{"pixel_values": x[i].unsqueeze(0), "labels": int(y[i])} for i in chosen]
 
 
-def _imagefolder_examples(path: str, model, checkpoint: str | None = None) -> list[dict]:
-    """Images under `path/<label>/*`, labelled by the model's `label2id` (else by sorted folder name), prepared by the
-    checkpoint's image processor when it has one, else resized and scaled to [-1, 1]."""
-    from PIL import Image
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _imagefolder_examples(path: str, model, checkpoint: str | None = None, num_examples: int | None = None,
+                          split: str | None = None) -> list[dict]:
+    """Labelled images of an imagefolder, `path/<label>/<image>` (or `path/<split>/<label>/<image>` when that folder
+    exists). At most `num_examples`, taken from the classes in turn (the first image of each class, then the second,
+    ...), so that a bounded sample covers every class. Labels come from the model's `label2id`; a model with the
+    default names (`LABEL_0`, ...) takes the sorted folder names in order, and a folder the model does not know is an
+    error. Images are prepared by the checkpoint's image processor when it has one, else resized and scaled to
+    [-1, 1]."""
+    import itertools
     import os
 
+    from PIL import Image
+
+    if split and os.path.isdir(os.path.join(path, split)):
+        path = os.path.join(path, split)
+    labels = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    if not labels:
+        raise ValueError(f"{path} holds no class folders: an imagefolder is laid out as <dir>/<label>/<image>.")
+    label2id = getattr(model.config, "label2id", None) or {}
+    default_names = all(str(name).startswith("LABEL_") for name in label2id)
+    if default_names:
+        num_labels = getattr(model.config, "num_labels", len(labels))
+        if len(labels) > num_labels:
+            raise ValueError(f"{path} has {len(labels)} class folders; the model has {num_labels} labels.")
+        label2id = {name: i for i, name in enumerate(labels)}
+    unknown = [name for name in labels if name not in label2id]
+    if unknown:
+        raise ValueError(f"the model's labels ({sorted(label2id)[:10]}...) do not name the folders {unknown} of {path}.")
+    files = [[os.path.join(path, name, f) for f in sorted(os.listdir(os.path.join(path, name)))
+              if f.lower().endswith(IMAGE_EXTENSIONS)] for name in labels]
+    chosen = [pair for row in itertools.zip_longest(*[[(name, f) for f in fs] for name, fs in zip(labels, files)])
+              for pair in row if pair is not None][:num_examples]
     processor = None
     if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, "preprocessor_config.json")):
         from transformers import AutoImageProcessor
 
         processor = AutoImageProcessor.from_pretrained(checkpoint)
-    labels = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    label2id = getattr(model.config, "label2id", None) or {}
     size = getattr(model.config, "image_size", 224)
     channels = getattr(model.config, "num_channels", 3)
     examples = []
-    for i, name in enumerate(labels):
-        folder = os.path.join(path, name)
-        for f in sorted(os.listdir(folder)):
-            img = Image.open(os.path.join(folder, f)).convert("L" if channels == 1 else "RGB")
-            if processor is not None:
-                x = processor(img, return_tensors="pt")["pixel_values"][0]
-            else:
-                img = img.resize((size, size))
-                x = torch.tensor(list(img.getdata()), dtype=torch.float32).view(size, size, channels).permute(2, 0, 1)
-                x = x / 127.5 - 1.0
-            examples.append({"pixel_values": x, "labels": int(label2id.get(name, i))})
+    for name, file in chosen:
+        img = Image.open(file).convert("L" if channels == 1 else "RGB")
+        if processor is not None:
+            x = processor(img, return_tensors="pt")["pixel_values"][0]
+        else:
+            img = img.resize((size, size))
+            pixels = np.asarray(img, dtype=np.float32).reshape(size, size, channels)
+            x = torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1.0
+        examples.append({"pixel_values": x, "labels": int(label2id[name])})
+    if not examples:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under the class folders of {path}.")
     return examples
 
 
@@ -608,7 +636,7 @@ def checkpoint_examples(checkpoint: str, model, data: str, split: str, num_examp
         channels = getattr(model.config, "num_channels", 1)
         examples = [{**e, "pixel_values": e["pixel_values"].expand(channels, -1, -1)} for e in examples]
     else:
-        examples = _imagefolder_examples(data, model, checkpoint)[:num_examples]
+        examples = _imagefolder_examples(data, model, checkpoint, num_examples, split)
     return _stack(examples)
 
 
@@ -627,7 +655,8 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("checkpoint", help="directory written by save_pretrained / a Trainer checkpoint")
     parser.add_argument("--data", default="digits", help="'digits' (scikit-learn, bundled) or an imagefolder path")
-    parser.add_argument("--split", default="train", help="digits split: train, validation or test")
+    parser.add_argument("--split", default="train", help="digits split (train, validation or test); for an "
+                        "imagefolder, the subfolder <dir>/<split> when there is one")
     parser.add_argument("--num-examples", type=int, default=256)
     parser.add_argument("--chunk-size", type=int, default=16,
                         help="examples per forward/double-backward pass; peak memory is that of one chunk")

@@ -250,3 +250,43 @@ def test_cli_measures_a_saved_checkpoint(tmp_path):
     direct = compression_report(model, [_stack(digits_examples("test")[:50])], ["rtn:4", "prune:0.7", "noise:0.1"])
     for name, value in direct.items():
         assert result[name] == pytest.approx(value), name
+
+
+def _imagefolder(root, classes, per_class):
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("L", (8, 8), color=16 * c + i).save(root / name / f"{i}.png")
+        (root / name / "notes.txt").write_text("not an image")
+
+
+def test_imagefolder_sample_covers_every_class_with_the_models_labels(tmp_path):
+    from hf_gam.flatness import checkpoint_examples
+
+    _imagefolder(tmp_path / "data" / "test", ["cat", "dog", "owl"], per_class=4)
+    model = _digits_vit()
+    model.config.label2id = {"owl": 0, "cat": 1, "dog": 2}
+    model.config.id2label = {0: "owl", 1: "cat", 2: "dog"}
+    batch = checkpoint_examples(str(tmp_path), model, str(tmp_path / "data"), "test", 6)
+    assert batch["labels"].tolist() == [1, 2, 0, 1, 2, 0]  # classes in turn, each named by the model's label2id
+    assert batch["pixel_values"].shape == (6, 1, 8, 8)
+    assert batch["pixel_values"][0, 0, 0, 0].item() == pytest.approx(0 / 127.5 - 1)      # cat/0.png
+    assert batch["pixel_values"][3, 0, 0, 0].item() == pytest.approx(1 / 127.5 - 1)      # cat/1.png
+    assert batch["pixel_values"][5, 0, 0, 0].item() == pytest.approx(33 / 127.5 - 1)     # owl/1.png
+
+
+def test_imagefolder_refuses_folders_the_model_does_not_name(tmp_path):
+    from hf_gam.flatness import checkpoint_examples
+
+    _imagefolder(tmp_path, ["cat", "emu"], per_class=1)
+    model = _digits_vit()
+    model.config.label2id = {"cat": 0, "dog": 1}
+    with pytest.raises(ValueError, match=r"\['emu'\]"):
+        checkpoint_examples(str(tmp_path), model, str(tmp_path), "test", 10)
+    model = _digits_vit()  # default names LABEL_k: folders in sorted order, at most num_labels of them
+    assert checkpoint_examples(str(tmp_path), model, str(tmp_path), "test", 10)["labels"].tolist() == [0, 1]
+    model.config.num_labels = 1
+    with pytest.raises(ValueError, match="2 class folders; the model has 1"):
+        checkpoint_examples(str(tmp_path), model, str(tmp_path), "test", 10)
