@@ -260,6 +260,7 @@ def test_cli_on_a_saved_checkpoint(tmp_path):
         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert out.returncode == 0, out.stderr
+    assert "RuntimeWarning" not in out.stderr, out.stderr  # the package must not import the module it runs
     import json
 
     result = json.loads(out.stdout[out.stdout.index("{"):])
