@@ -36,7 +36,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .flatness import BoundCallback, as_batches, take_examples
+from .flatness import (
+    BoundCallback, add_checkpoint_arguments, as_batches, load_checkpoint, slice_batch, take_examples,
+)
 
 __all__ = [
     "DEFAULT_COMPRESSIONS",
@@ -398,13 +400,7 @@ def main(argv=None) -> dict:
         description="Accuracy of a saved image-classification checkpoint before and after compression (low-bit "
         "weights, int8 dynamic quantization, global magnitude pruning, weight noise), each on a copy.",
     )
-    parser.add_argument("checkpoint", help="directory written by save_pretrained / a Trainer checkpoint")
-    parser.add_argument("--data", default="digits",
-                        help="'digits' (scikit-learn, bundled) or an imagefolder path (<dir>/<class>/<image>): at most "
-                        "--num-examples images, taken from the classes in turn")
-    parser.add_argument("--split", default="test", help="digits split (train, validation or test); for an "
-                        "imagefolder, the subfolder <dir>/<split> when there is one")
-    parser.add_argument("--num-examples", type=int, default=1024, help="at most this many examples")
+    add_checkpoint_arguments(parser, split="test", num_examples=1024)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--compressions", default=",".join(c.kind if c.level is None else f"{c.kind}:{c.level:g}"
                                                           for c in DEFAULT_COMPRESSIONS),
@@ -414,13 +410,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default=None, help="also write the report to this file")
     args = parser.parse_args(argv)
 
-    from transformers import AutoModelForImageClassification
-
-    from .flatness import checkpoint_examples, slice_batch
-
     compressions = [Compression.parse(text) for text in args.compressions.split(",") if text.strip()]
-    model = AutoModelForImageClassification.from_pretrained(args.checkpoint)
-    batch = checkpoint_examples(args.checkpoint, model, args.data, args.split, args.num_examples)
+    model, batch = load_checkpoint(args)
     n = len(batch["labels"])
     batches = [slice_batch(batch, i, min(i + args.batch_size, n)) for i in range(0, n, args.batch_size)]
     report = compression_report(model, batches, compressions, noise_draws=args.noise_draws, seed=args.seed)

@@ -640,6 +640,26 @@ def checkpoint_examples(checkpoint: str, model, data: str, split: str, num_examp
     return _stack(examples)
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, split: str, num_examples: int) -> None:
+    """The command-line arguments naming a saved checkpoint and the labelled examples to measure it on, as
+    `load_checkpoint` reads them."""
+    parser.add_argument("checkpoint", help="directory written by save_pretrained / a Trainer checkpoint")
+    parser.add_argument("--data", default="digits",
+                        help="'digits' (scikit-learn, bundled) or an imagefolder path (<dir>/<class>/<image>): at most "
+                        "--num-examples images, taken from the classes in turn")
+    parser.add_argument("--split", default=split, help="digits split (train, validation or test); for an "
+                        "imagefolder, the subfolder <dir>/<split> when there is one")
+    parser.add_argument("--num-examples", type=int, default=num_examples, help="at most this many examples")
+
+
+def load_checkpoint(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """The image classifier saved at `args.checkpoint` and one batch of its examples (`checkpoint_examples`)."""
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(args.checkpoint)
+    return model, checkpoint_examples(args.checkpoint, model, args.data, args.split, args.num_examples)
+
+
 def _stack(examples: list[dict]) -> dict:
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
@@ -653,11 +673,7 @@ def main(argv=None) -> dict:
         description="Top Hessian eigenvalue, Hessian trace and first-order flatness of a saved "
         "image-classification checkpoint on a fixed set of examples, measured in chunks.",
     )
-    parser.add_argument("checkpoint", help="directory written by save_pretrained / a Trainer checkpoint")
-    parser.add_argument("--data", default="digits", help="'digits' (scikit-learn, bundled) or an imagefolder path")
-    parser.add_argument("--split", default="train", help="digits split (train, validation or test); for an "
-                        "imagefolder, the subfolder <dir>/<split> when there is one")
-    parser.add_argument("--num-examples", type=int, default=256)
+    add_checkpoint_arguments(parser, split="train", num_examples=256)
     parser.add_argument("--chunk-size", type=int, default=16,
                         help="examples per forward/double-backward pass; peak memory is that of one chunk")
     parser.add_argument("--eig-iters", type=int, default=20)
@@ -667,10 +683,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from transformers import AutoModelForImageClassification
-
-    model = AutoModelForImageClassification.from_pretrained(args.checkpoint)
-    batch = checkpoint_examples(args.checkpoint, model, args.data, args.split, args.num_examples)
+    model, batch = load_checkpoint(args)
     result = measure_flatness(
         model, batch, eig_iters=args.eig_iters, trace_samples=args.trace_samples, rho=args.rho,
         ascent_steps=args.ascent_steps, seed=args.seed, chunk_size=args.chunk_size,
