@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from .flatness import (
-    BoundCallback, add_checkpoint_arguments, as_batches, load_checkpoint, slice_batch, take_examples,
+    BoundCallback, _to_device, _unwrap as _unwrap_wrappers, add_checkpoint_arguments, as_batches, load_checkpoint,
+    slice_batch, take_examples,
 )
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "add_weight_noise",
     "compressible_modules",
     "compression_report",
+    "descriptions",
     "format_table",
     "prune_global_magnitude",
     "quantize_dynamic_int8",
@@ -206,6 +208,15 @@ class Compression:
         return quantize_dynamic_int8(compressed)
 
 
+def _as_compressions(items: Iterable[Compression | str]) -> list[Compression]:
+    return [c if isinstance(c, Compression) else Compression.parse(c) for c in items]
+
+
+def descriptions(compressions: Sequence[Compression | str] = ()) -> dict[str, str]:
+    """`{name in a report: description}` of `compressions` (of `DEFAULT_COMPRESSIONS` when empty)."""
+    return {c.name: c.description for c in _as_compressions(compressions or DEFAULT_COMPRESSIONS)}
+
+
 DEFAULT_COMPRESSIONS: tuple[Compression, ...] = (
     Compression("rtn", 8), Compression("rtn", 4), Compression("rtn", 3), Compression("rtn", 2),
     Compression("int8_dynamic"),
@@ -223,7 +234,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     for parameter in model.parameters():
         if type(parameter.data).__name__ == "DTensor":
             raise NotImplementedError("Compression needs full (unsharded) parameters; FSDP is not supported.")
-    return getattr(model, "module", model)  # DDP / DataParallel
+    return _unwrap_wrappers(model)  # DDP / DataParallel
 
 
 def _logits(output) -> torch.Tensor:
@@ -254,8 +265,8 @@ def accuracy(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], la
     correct = total = 0
     try:
         for batch in batches:
-            labels = batch[label_key].to(device)
-            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != label_key}
+            inputs = _to_device(dict(batch), device)
+            labels = inputs.pop(label_key)
             predictions = _logits(model(**inputs)).argmax(dim=-1)
             keep = labels != -100
             correct += int((predictions[keep] == labels[keep]).sum())
@@ -290,7 +301,7 @@ def compression_report(
         def evaluate(m: nn.Module) -> float:
             return accuracy(m, batches)
 
-    compressions = [c if isinstance(c, Compression) else Compression.parse(c) for c in compressions]
+    compressions = _as_compressions(compressions)
     report = {"baseline": evaluate(_unwrap(model))}
     for compression in compressions:
         if compression.kind == "noise":
@@ -304,8 +315,7 @@ def compression_report(
 
 def format_table(reports: Mapping[str, Mapping[str, float]], compressions: Sequence[Compression | str] = ()) -> str:
     """A Markdown table "Accuracy after compression": one row per measurement, one column per run in `reports`."""
-    named = {c.name: c.description for c in
-             (c if isinstance(c, Compression) else Compression.parse(c) for c in (compressions or DEFAULT_COMPRESSIONS))}
+    named = descriptions(compressions)
     names = list(dict.fromkeys(key for report in reports.values() for key in report))
     lines = ["| | " + " | ".join(reports) + " |", "|---|" + "---|" * len(reports)]
     for key in names:
@@ -353,7 +363,7 @@ class CompressionCallback(BoundCallback):
         self.batch = batch
         self.num_examples = num_examples
         self.at = at
-        self.compressions = [c if isinstance(c, Compression) else Compression.parse(c) for c in compressions]
+        self.compressions = _as_compressions(compressions)
         self.noise_draws = noise_draws
         self.seed = seed
         self.prefix = prefix

@@ -224,10 +224,9 @@ def render_compression_table(report: dict[str, float], split_name: str, num_exam
                              compressions: Any = ()) -> str:
     """The card's section "Accuracy after compression" (between markers) for a `compression_report` of the final
     model: one row per compression with its accuracy and the change from the uncompressed model."""
-    from .compression import DEFAULT_COMPRESSIONS, Compression
+    from .compression import descriptions
 
-    described = {c.name: c.description for c in
-                 (c if isinstance(c, Compression) else Compression.parse(c) for c in (compressions or DEFAULT_COMPRESSIONS))}
+    described = descriptions(compressions)
     baseline = report["baseline"]
     lines = [
         COMPRESSION_BEGIN,
