@@ -58,7 +58,8 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generalization import count_training_examples, paired, parse_arm, run_grid, t_interval  # noqa: E402
+from generalization import _ci as _interval_text  # noqa: E402
+from generalization import choose, count_training_examples, paired, parse_arm, run_grid, t_interval  # noqa: E402
 
 from hf_gam.vision import collate_fn  # noqa: E402
 from hf_gam.vision.digits import (  # noqa: E402
@@ -242,11 +243,7 @@ def _value(row: dict, key: str) -> float:
 
 def choose_sam(runs: list[dict], scenario: str, sam: list[str]) -> str | None:
     """The SAM radius with the best mean validation accuracy in `scenario`."""
-    present = [a for a in sam if any(r["scenario"] == scenario and r["arm"] == a for r in runs)]
-    if not present:
-        return None
-    return max(present, key=lambda a: statistics.mean(r["val"] for r in runs if r["scenario"] == scenario
-                                                      and r["arm"] == a))
+    return choose(runs, scenario, sam, group_key="scenario")
 
 
 def rows_of(runs: list[dict], scenario: str, arm: str) -> list[dict]:
@@ -254,8 +251,7 @@ def rows_of(runs: list[dict], scenario: str, arm: str) -> list[dict]:
 
 
 def _ci(values: list[float], fmt: str = "+.3f") -> str:
-    mean, low, high = t_interval(values)
-    return f"{mean:{fmt}}" + ("" if math.isnan(low) else f" [{low:{fmt}}, {high:{fmt}}]")
+    return _interval_text(*t_interval(values), fmt)
 
 
 COLUMNS = [("test", "test acc."), ("pruned_90", "90% pruned"), ("pruned_70", "70% pruned"),

@@ -502,12 +502,13 @@ def paired(rows: list[dict], reference: list[dict], value: Callable[[dict, dict]
     return [value(r, ref[r["seed"]]) for r in rows if r["seed"] in ref]
 
 
-def choose(runs: list[dict], regime: str, candidates: list[str]) -> str | None:
-    """The candidate arm with the best mean validation accuracy over seeds in `regime` (ties: the first)."""
-    present = [c for c in candidates if any(r["regime"] == regime and r["arm"] == c for r in runs)]
+def choose(runs: list[dict], regime: str, candidates: list[str], group_key: str = "regime") -> str | None:
+    """The candidate arm with the best mean validation accuracy over seeds in `regime` (the runs whose `group_key`
+    is `regime`; ties: the first)."""
+    present = [c for c in candidates if any(r[group_key] == regime and r["arm"] == c for r in runs)]
     if not present:
         return None
-    return max(present, key=lambda c: statistics.mean(r["val"] for r in runs if r["regime"] == regime and r["arm"] == c))
+    return max(present, key=lambda c: statistics.mean(r["val"] for r in runs if r[group_key] == regime and r["arm"] == c))
 
 
 def _log_ratio(a: float, b: float) -> float:
