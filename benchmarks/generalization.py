@@ -27,7 +27,7 @@ Regimes (each a function returning data, a model and a training budget; all use 
              `--train_augmentation none`, since a mirrored digit is another digit): AdamW fits the set
              (train accuracy ~0.98)
 
-Data: the 1,797 bundled 8x8 digits, split once by `hf_gam.flatness.digits_examples` (30% test; the rest 80% train,
+Data: the 1,797 bundled 8x8 digits, split once by `hf_gam.vision.digits.digits_examples` (30% test; the rest 80% train,
 20% validation). The validation split chooses the sweep points; the test split is read only for the table.
 
 Reported per regime and arm, over seeds (arms of one seed share the initial weights and run in a shuffled order):
@@ -250,7 +250,7 @@ def make_vit(seed: int, num_channels: int = 1):
 
 
 def _scratch(name: str, s: dict, seed: int, epochs: int) -> Regime:
-    from hf_gam.flatness import digits_examples
+    from hf_gam.vision.digits import digits_examples
 
     return Regime(
         name, train=digits_examples("train")[: s["n_train"]], validation=digits_examples("validation"),
@@ -272,7 +272,7 @@ def digit_images(labels: range) -> dict[str, list]:
     """Per split, `(PIL grayscale image, label name)` for the bundled digits with a label in `labels`."""
     from PIL import Image
 
-    from hf_gam.flatness import digits_examples
+    from hf_gam.vision.digits import digits_examples
 
     images = {}
     for split in ("train", "validation", "test"):
@@ -422,14 +422,15 @@ def accuracy(model, examples: list[dict]) -> float:
 
 def run_arm(s: dict, regime: Regime, arm: dict, seed: int, out_dir: str) -> dict:
     """Train one arm in one regime; returns its raw numbers."""
-    from hf_gam.flatness import _stack, measure_flatness
+    from hf_gam.flatness import measure_flatness
+    from hf_gam.measuring import stack_examples
 
     if regime.model_dir is None:
         model, seconds, examples = train_scratch(regime.make_model, regime.train, arm, regime.epochs,
                                                  regime.learning_rate, seed, out_dir)
     else:
         model, seconds, examples = train_recipe(regime, arm, seed, out_dir)
-    flat = measure_flatness(model, _stack(regime.train[: s["flat_examples"]]), eig_iters=s["eig_iters"],
+    flat = measure_flatness(model, stack_examples(regime.train[: s["flat_examples"]]), eig_iters=s["eig_iters"],
                             metrics=("eigenvalue",))
     return dict(train=accuracy(model, regime.train), val=accuracy(model, regime.validation),
                 test=accuracy(model, regime.test), eig=flat["top_eigenvalue"], examples=examples, seconds=seconds)

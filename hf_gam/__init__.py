@@ -1,6 +1,8 @@
 """Gradient norm Aware Minimization (GAM) for the Hugging Face Trainer."""
 
+from .compression import CompressionCallback, compression_report
 from .config import CHEAP_GAM, FINETUNE_GAM, PRETRAIN_GAM, RELEASED_GAM, GAMConfig, gam_config_class
+from .flatness import FlatnessCallback
 from .search import gam_hp_space, gam_hp_space_for, metric_objective, short_budget
 from .trainer import GAMMixin, GAMTrainer
 
@@ -23,16 +25,3 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-
-# The names of modules that also run as commands (`python -m hf_gam.compression`, `python -m hf_gam.flatness`) load
-# on first use: runpy warns when the package has imported the module it is asked to run.
-_ON_FIRST_USE = {"CompressionCallback": "compression", "compression_report": "compression",
-                 "FlatnessCallback": "flatness"}
-
-
-def __getattr__(name):
-    if name in _ON_FIRST_USE:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_ON_FIRST_USE[name]}", __name__), name)
-    raise AttributeError(f"module 'hf_gam' has no attribute {name!r}")

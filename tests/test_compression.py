@@ -191,7 +191,8 @@ def _digits_vit():
 @pytest.mark.parametrize("at", ["evaluate", "train_end"])
 def test_callback_logs_and_training_goes_on_bit_identically(tmp_path, at):
     from hf_gam import GAMConfig, GAMTrainer
-    from hf_gam.flatness import _stack, digits_examples
+    from hf_gam.measuring import stack_examples
+    from hf_gam.vision.digits import digits_examples
 
     train, val = digits_examples("train")[:64], digits_examples("validation")[:40]
 
@@ -218,7 +219,7 @@ def test_callback_logs_and_training_goes_on_bit_identically(tmp_path, at):
     assert [h["step"] for h in logged] == ([2, 4] if at == "evaluate" else [4])
     assert [step for step, _ in callback.reports] == [h["step"] for h in logged]
     # The logged numbers are those of the final weights on the first 20 validation digits.
-    independent = compression_report(trainer.model, [_stack(val[:20])],
+    independent = compression_report(trainer.model, [stack_examples(val[:20])],
                                      ["rtn:2", "prune:0.9", "noise:0.1", "int8_dynamic"])
     for name, value in independent.items():
         assert logged[-1][f"compression/{name}"] == pytest.approx(value), name
@@ -233,7 +234,8 @@ def test_callback_needs_examples():
 
 
 def test_cli_measures_a_saved_checkpoint(tmp_path):
-    from hf_gam.flatness import _stack, digits_examples
+    from hf_gam.measuring import stack_examples
+    from hf_gam.vision.digits import digits_examples
 
     model = _digits_vit()
     model.save_pretrained(tmp_path / "ckpt")
@@ -247,7 +249,7 @@ def test_cli_measures_a_saved_checkpoint(tmp_path):
     assert "| 4-bit weights (round-to-nearest, per channel) |" in out.stdout
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["num_examples"] == 50
-    direct = compression_report(model, [_stack(digits_examples("test")[:50])], ["rtn:4", "prune:0.7", "noise:0.1"])
+    direct = compression_report(model, [stack_examples(digits_examples("test")[:50])], ["rtn:4", "prune:0.7", "noise:0.1"])
     for name, value in direct.items():
         assert result[name] == pytest.approx(value), name
 
@@ -263,7 +265,7 @@ def _imagefolder(root, classes, per_class):
 
 
 def test_imagefolder_sample_covers_every_class_with_the_models_labels(tmp_path):
-    from hf_gam.flatness import checkpoint_examples
+    from hf_gam.commands import checkpoint_examples
 
     _imagefolder(tmp_path / "data" / "test", ["cat", "dog", "owl"], per_class=4)
     model = _digits_vit()
@@ -278,7 +280,7 @@ def test_imagefolder_sample_covers_every_class_with_the_models_labels(tmp_path):
 
 
 def test_imagefolder_refuses_folders_the_model_does_not_name(tmp_path):
-    from hf_gam.flatness import checkpoint_examples
+    from hf_gam.commands import checkpoint_examples
 
     _imagefolder(tmp_path, ["cat", "emu"], per_class=1)
     model = _digits_vit()

@@ -202,7 +202,8 @@ def _digits_vit(tmp_path):
 
 def test_callback_under_gam_trainer_measures_num_examples_across_eval_batches(tmp_path):
     from hf_gam import GAMConfig, GAMTrainer
-    from hf_gam.flatness import _stack, digits_examples
+    from hf_gam.measuring import stack_examples
+    from hf_gam.vision.digits import digits_examples
 
     train = digits_examples("train")[:64]
     val = digits_examples("validation")[:40]
@@ -225,11 +226,11 @@ def test_callback_under_gam_trainer_measures_num_examples_across_eval_batches(tm
         assert h["flatness/max_grad_norm"] >= h["flatness/grad_norm"]
     # An independent measurement at the final weights on the first 20 validation examples, in one batch.
     last = logged[-1]
-    independent = measure_flatness(trainer.model, _stack(val[:20]), **settings)
+    independent = measure_flatness(trainer.model, stack_examples(val[:20]), **settings)
     for key in ("loss", "top_eigenvalue", "trace", "grad_norm", "max_grad_norm"):
         assert last[f"flatness/{key}"] == pytest.approx(independent[key], rel=1e-4), key
     # The first evaluation batch alone gives other numbers: the 20 examples were really used.
-    first_batch = measure_flatness(trainer.model, _stack(val[:8]), **settings)
+    first_batch = measure_flatness(trainer.model, stack_examples(val[:8]), **settings)
     assert first_batch["loss"] != pytest.approx(last["flatness/loss"], rel=1e-3)
     assert first_batch["top_eigenvalue"] != pytest.approx(last["flatness/top_eigenvalue"], rel=1e-3)
     assert "flatness/trace" in trainer.evaluate()
@@ -238,19 +239,21 @@ def test_callback_under_gam_trainer_measures_num_examples_across_eval_batches(tm
 def test_callback_takes_fewer_examples_when_the_eval_set_is_smaller(caplog):
     from torch.utils.data import DataLoader
 
-    from hf_gam.flatness import _stack, digits_examples, take_examples
+    from hf_gam.measuring import stack_examples, take_examples
+    from hf_gam.vision.digits import digits_examples
 
     data = digits_examples("validation")[:13]
     with caplog.at_level("WARNING", logger="hf_gam.flatness"):
-        batches = take_examples(DataLoader(data, batch_size=5, collate_fn=_stack), 50, "FlatnessCallback")
+        batches = take_examples(DataLoader(data, batch_size=5, collate_fn=stack_examples), 50, "FlatnessCallback")
     assert [b["labels"].shape[0] for b in batches] == [5, 5, 3]
     assert "FlatnessCallback" in caplog.text and "has 13 examples" in caplog.text and "num_examples=50" in caplog.text
     assert [b["labels"].shape[0] for b in take_examples(
-        DataLoader(data, batch_size=5, collate_fn=_stack), 7, "FlatnessCallback")] == [5, 2]
+        DataLoader(data, batch_size=5, collate_fn=stack_examples), 7, "FlatnessCallback")] == [5, 2]
 
 
 def test_cli_on_a_saved_checkpoint(tmp_path):
-    from hf_gam.flatness import _stack, digits_examples
+    from hf_gam.measuring import stack_examples
+    from hf_gam.vision.digits import digits_examples
 
     model = _digits_vit(tmp_path)
     model.save_pretrained(tmp_path / "ckpt")
@@ -266,7 +269,7 @@ def test_cli_on_a_saved_checkpoint(tmp_path):
     result = json.loads(out.stdout[out.stdout.index("{"):])
     assert result["num_examples"] == 32
     # The same 32 training digits in one batch, in this process.
-    direct = measure_flatness(model, _stack(digits_examples("train")[:32]), eig_iters=3, trace_samples=2, ascent_steps=1)
+    direct = measure_flatness(model, stack_examples(digits_examples("train")[:32]), eig_iters=3, trace_samples=2, ascent_steps=1)
     for key in ("loss", "top_eigenvalue", "trace", "max_grad_norm"):
         assert result[key] == pytest.approx(direct[key], rel=1e-4), key
 

@@ -79,3 +79,21 @@ def digits_model(arch: str, num_labels: int):
             num_channels=1, embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], layer_type="basic",
             downsample_in_first_stage=False, num_labels=num_labels))
     raise ValueError(f"Unknown architecture {arch!r}; known: vit, resnet.")
+
+
+def digits_examples(split: str = "test", seed: int = 0) -> list[dict]:
+    """scikit-learn's bundled 8x8 digits as `{"pixel_values": (1, 8, 8) float32 tensor, "labels": int}`.
+
+    Fixed split (seed 0): 30% test; of the rest, 20% validation and 80% train. Pixels scaled to [-1, 1].
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32) / 8.0 - 1.0
+    y = data.target.tolist()
+    idx = list(range(len(y)))
+    rest, test = train_test_split(idx, test_size=0.3, random_state=seed, stratify=y)
+    train, val = train_test_split(rest, test_size=0.2, random_state=seed, stratify=[y[i] for i in rest])
+    chosen = {"train": train, "validation": val, "test": test}[split]
+    return [{"pixel_values": x[i].unsqueeze(0), "labels": int(y[i])} for i in chosen]

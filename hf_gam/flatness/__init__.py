@@ -29,17 +29,15 @@ iterates and measure the Hessian of the mean loss over the union of their exampl
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 
-logger = logging.getLogger(__name__)
+from ..measuring import (  # noqa: F401  (batch helpers, also importable from here as before)
+    BoundCallback, as_batches, batch_size, default_loss, measurement_mode, model_loss_fn, slice_batch, take_examples,
+    unwrap,
+)
 
 Tensors = list[torch.Tensor]
 
@@ -47,9 +45,7 @@ __all__ = [
     "FlatnessCallback",
     "as_batches",
     "batch_size",
-    "checkpoint_examples",
     "chunked_loss_terms",
-    "digits_examples",
     "first_order_flatness",
     "hessian_trace",
     "hvp",
@@ -298,75 +294,6 @@ def first_order_flatness(
     return {"grad_norm": grad_norm0, "max_grad_norm": best, "first_order_flatness": rho * best}
 
 
-# --------------------------------------------------------------------------------------------------
-# Models
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
-
-
-def _to_device(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def default_loss(model: torch.nn.Module, batch) -> torch.Tensor:
-    """The loss a `Trainer` would use: `model(**batch)` with labels in the batch, then `.loss` (or output[0])."""
-    outputs = model(**batch) if isinstance(batch, Mapping) else model(*batch)
-    if isinstance(outputs, Mapping) or hasattr(outputs, "loss"):
-        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs.loss
-        if loss is not None:
-            return loss
-    return outputs[0]
-
-
-def model_loss_fn(model: torch.nn.Module, batch, loss: Callable | None = None) -> Callable[[], torch.Tensor]:
-    """A closure recomputing the loss of `model` on `batch` (moved to the model's device)."""
-    loss = loss or default_loss
-    device = next(model.parameters()).device
-    batch = _to_device(batch, device)
-    return lambda: loss(model, dict(batch) if isinstance(batch, Mapping) else batch)
-
-
-def _batch_items(batch) -> list:
-    return list(batch.values()) if isinstance(batch, Mapping) else list(batch)
-
-
-def batch_size(batch) -> int:
-    """The number of examples in `batch`: the leading size of its first tensor with at least one dimension."""
-    for value in _batch_items(batch):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    raise ValueError("The batch holds no tensor with a batch dimension.")
-
-
-def slice_batch(batch, start: int, stop: int):
-    """Examples `start:stop` of `batch`: every tensor whose leading size is the batch size is sliced."""
-    n = batch_size(batch)
-
-    def cut(value):
-        return value[start:stop] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n else value
-
-    if isinstance(batch, Mapping):
-        return {k: cut(v) for k, v in batch.items()}
-    return type(batch)(cut(v) for v in batch)
-
-
-def as_batches(batches) -> list:
-    """One batch or a list of batches (dicts, tuples or lists of tensors), as a list of batches."""
-    if isinstance(batches, list) and batches and not isinstance(batches[0], torch.Tensor):
-        return list(batches)
-    return [batches]
-
-
 def chunked_loss_terms(model: torch.nn.Module, batches, chunk_size: int | None = None,
                        loss: Callable | None = None) -> LossTerms:
     """`(weight, closure)` terms whose weighted sum is the mean loss over all examples of `batches`.
@@ -386,24 +313,6 @@ def chunked_loss_terms(model: torch.nn.Module, batches, chunk_size: int | None =
     if len(chunks) == 1:
         return [(1.0, model_loss_fn(model, chunks[0], loss))]
     return [(batch_size(c) / total, model_loss_fn(model, c, loss)) for c in chunks]
-
-
-@contextlib.contextmanager
-def _measurement_mode(model: torch.nn.Module):
-    """Evaluation mode and the math attention kernel (fused kernels lack double backward); restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        kernel = sdpa_kernel(SDPBackend.MATH)
-    except ImportError:  # older torch
-        kernel = contextlib.nullcontext()
-    try:
-        with kernel, torch.enable_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def measure_flatness(
@@ -429,7 +338,7 @@ def measure_flatness(
     `model` may be wrapped (DDP); its inner module is used. Under `torch.distributed`, call it on every rank
     with that rank's examples: results are the same on all ranks.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     for p in model.parameters():
         if type(p.data).__name__ == "DTensor":
             raise NotImplementedError("Flatness metrics need full (unsharded) parameters; FSDP is not supported.")
@@ -438,7 +347,7 @@ def measure_flatness(
         raise ValueError("The model has no trainable parameters.")
     terms = chunked_loss_terms(model, batch, chunk_size, loss)
     out = {}
-    with _measurement_mode(model):
+    with measurement_mode(model):
         out["loss"] = _mean_scalar_over_ranks(_Curvature(terms, params).loss(), params[0].device)
         if "eigenvalue" in metrics:
             r = top_hessian_eigenvalue(terms, params, iters=eig_iters, tol=eig_tol, seed=seed)
@@ -452,62 +361,6 @@ def measure_flatness(
 
 # --------------------------------------------------------------------------------------------------
 # Trainer callback
-
-try:
-    from transformers import TrainerCallback
-except ImportError:  # pragma: no cover - transformers is a dependency
-    TrainerCallback = object
-
-
-def take_examples(dataloader, num_examples: int | None, owner: str) -> list:
-    """The first `num_examples` examples of `dataloader` (all of them if `None`), as a list of batches kept on the
-    CPU; a warning names `owner` when the dataloader has fewer."""
-    batches, count = [], 0
-    for batch in dataloader:
-        n = batch_size(batch)
-        if num_examples is not None:
-            n = min(n, num_examples - count)
-            batch = slice_batch(batch, 0, n)
-        batches.append(_to_device(batch, "cpu"))
-        count += n
-        if num_examples is not None and count >= num_examples:
-            break
-    if count == 0:
-        raise ValueError(f"{owner}: the evaluation dataloader gave no examples.")
-    if num_examples is not None and count < num_examples:
-        logger.warning(
-            f"{owner}: the evaluation set has {count} examples (on this process), fewer than "
-            f"num_examples={num_examples}; measuring on those {count}."
-        )
-    return batches
-
-
-class BoundCallback(TrainerCallback):
-    """A callback that logs what it measures through the trainer it is bound to (`attach` or `bind`); unbound, it
-    appends its logs to `state.log_history`."""
-
-    trainer = None
-
-    @classmethod
-    def attach(cls, trainer, **kwargs):
-        """Create a callback, bind it to `trainer` and add it to the trainer's callbacks."""
-        callback = cls(**kwargs)
-        callback.bind(trainer)
-        trainer.add_callback(callback)
-        return callback
-
-    def bind(self, trainer) -> None:
-        self.trainer = trainer
-
-    def publish(self, logs: dict, state, metrics: dict | None = None) -> None:
-        """Add `logs` to the evaluation's `metrics` (if any) and log them."""
-        if metrics is not None:
-            metrics.update(logs)
-        if self.trainer is not None:
-            self.trainer.log(dict(logs))
-        else:
-            state.log_history.append({**logs, "epoch": state.epoch, "step": state.global_step})
-
 
 class FlatnessCallback(BoundCallback):
     """Measure flatness at every evaluation and log it with the Trainer's logs as `flatness/*`.
@@ -546,152 +399,3 @@ class FlatnessCallback(BoundCallback):
             self.batch = take_examples(eval_dataloader, self.num_examples, "FlatnessCallback")
         self.publish(self.measure(model), state, metrics)
         return control
-
-
-# --------------------------------------------------------------------------------------------------
-# Data for the command line and the benchmarks
-
-
-def digits_examples(split: str = "test", seed: int = 0) -> list[dict]:
-    """scikit-learn's bundled 8x8 digits as `{"pixel_values": (1, 8, 8) float32 tensor, "labels": int}`.
-
-    Fixed split (seed 0): 30% test; of the rest, 20% validation and 80% train. Pixels scaled to [-1, 1].
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32) / 8.0 - 1.0
-    y = data.target.tolist()
-    idx = list(range(len(y)))
-    rest, test = train_test_split(idx, test_size=0.3, random_state=seed, stratify=y)
-    train, val = train_test_split(rest, test_size=0.2, random_state=seed, stratify=[y[i] for i in rest])
-    chosen = {"train": train, "validation": val, "test": test}[split]
-    return [{"pixel_values": x[i].unsqueeze(0), "labels": int(y[i])} for i in chosen]
-
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def _imagefolder_examples(path: str, model, checkpoint: str | None = None, num_examples: int | None = None,
-                          split: str | None = None) -> list[dict]:
-    """Labelled images of an imagefolder, `path/<label>/<image>` (or `path/<split>/<label>/<image>` when that folder
-    exists). At most `num_examples`, taken from the classes in turn (the first image of each class, then the second,
-    ...), so that a bounded sample covers every class. Labels come from the model's `label2id`; a model with the
-    default names (`LABEL_0`, ...) takes the sorted folder names in order, and a folder the model does not know is an
-    error. Images are prepared by the checkpoint's image processor when it has one, else resized and scaled to
-    [-1, 1]."""
-    import itertools
-    import os
-
-    from PIL import Image
-
-    if split and os.path.isdir(os.path.join(path, split)):
-        path = os.path.join(path, split)
-    labels = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    if not labels:
-        raise ValueError(f"{path} holds no class folders: an imagefolder is laid out as <dir>/<label>/<image>.")
-    label2id = getattr(model.config, "label2id", None) or {}
-    default_names = all(str(name).startswith("LABEL_") for name in label2id)
-    if default_names:
-        num_labels = getattr(model.config, "num_labels", len(labels))
-        if len(labels) > num_labels:
-            raise ValueError(f"{path} has {len(labels)} class folders; the model has {num_labels} labels.")
-        label2id = {name: i for i, name in enumerate(labels)}
-    unknown = [name for name in labels if name not in label2id]
-    if unknown:
-        raise ValueError(f"the model's labels ({sorted(label2id)[:10]}...) do not name the folders {unknown} of {path}.")
-    files = [[os.path.join(path, name, f) for f in sorted(os.listdir(os.path.join(path, name)))
-              if f.lower().endswith(IMAGE_EXTENSIONS)] for name in labels]
-    chosen = [pair for row in itertools.zip_longest(*[[(name, f) for f in fs] for name, fs in zip(labels, files)])
-              for pair in row if pair is not None][:num_examples]
-    processor = None
-    if checkpoint is not None and os.path.isfile(os.path.join(checkpoint, "preprocessor_config.json")):
-        from transformers import AutoImageProcessor
-
-        processor = AutoImageProcessor.from_pretrained(checkpoint)
-    size = getattr(model.config, "image_size", 224)
-    channels = getattr(model.config, "num_channels", 3)
-    examples = []
-    for name, file in chosen:
-        img = Image.open(file).convert("L" if channels == 1 else "RGB")
-        if processor is not None:
-            x = processor(img, return_tensors="pt")["pixel_values"][0]
-        else:
-            img = img.resize((size, size))
-            pixels = np.asarray(img, dtype=np.float32).reshape(size, size, channels)
-            x = torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1.0
-        examples.append({"pixel_values": x, "labels": int(label2id[name])})
-    if not examples:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under the class folders of {path}.")
-    return examples
-
-
-def checkpoint_examples(checkpoint: str, model, data: str, split: str, num_examples: int) -> dict:
-    """One batch of at most `num_examples` labelled examples for measuring the checkpoint `model` was loaded from:
-    `data="digits"`, the bundled digits' `split` (scaled to [-1, 1], repeated over the model's channels), or an
-    imagefolder path (see `_imagefolder_examples`)."""
-    if data == "digits":
-        examples = digits_examples(split)[:num_examples]
-        channels = getattr(model.config, "num_channels", 1)
-        examples = [{**e, "pixel_values": e["pixel_values"].expand(channels, -1, -1)} for e in examples]
-    else:
-        examples = _imagefolder_examples(data, model, checkpoint, num_examples, split)
-    return _stack(examples)
-
-
-def add_checkpoint_arguments(parser: argparse.ArgumentParser, split: str, num_examples: int) -> None:
-    """The command-line arguments naming a saved checkpoint and the labelled examples to measure it on, as
-    `load_checkpoint` reads them."""
-    parser.add_argument("checkpoint", help="directory written by save_pretrained / a Trainer checkpoint")
-    parser.add_argument("--data", default="digits",
-                        help="'digits' (scikit-learn, bundled) or an imagefolder path (<dir>/<class>/<image>): at most "
-                        "--num-examples images, taken from the classes in turn")
-    parser.add_argument("--split", default=split, help="digits split (train, validation or test); for an "
-                        "imagefolder, the subfolder <dir>/<split> when there is one")
-    parser.add_argument("--num-examples", type=int, default=num_examples, help="at most this many examples")
-
-
-def load_checkpoint(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
-    """The image classifier saved at `args.checkpoint` and one batch of its examples (`checkpoint_examples`)."""
-    from transformers import AutoModelForImageClassification
-
-    model = AutoModelForImageClassification.from_pretrained(args.checkpoint)
-    return model, checkpoint_examples(args.checkpoint, model, args.data, args.split, args.num_examples)
-
-
-def _stack(examples: list[dict]) -> dict:
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-        "labels": torch.tensor([e["labels"] for e in examples]),
-    }
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m hf_gam.flatness",
-        description="Top Hessian eigenvalue, Hessian trace and first-order flatness of a saved "
-        "image-classification checkpoint on a fixed set of examples, measured in chunks.",
-    )
-    add_checkpoint_arguments(parser, split="train", num_examples=256)
-    parser.add_argument("--chunk-size", type=int, default=16,
-                        help="examples per forward/double-backward pass; peak memory is that of one chunk")
-    parser.add_argument("--eig-iters", type=int, default=20)
-    parser.add_argument("--trace-samples", type=int, default=20)
-    parser.add_argument("--rho", type=float, default=0.05)
-    parser.add_argument("--ascent-steps", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-
-    model, batch = load_checkpoint(args)
-    result = measure_flatness(
-        model, batch, eig_iters=args.eig_iters, trace_samples=args.trace_samples, rho=args.rho,
-        ascent_steps=args.ascent_steps, seed=args.seed, chunk_size=args.chunk_size,
-    )
-    result["num_examples"] = len(batch["labels"])
-    print(json.dumps(result, indent=2))
-    return result
-
-
-if __name__ == "__main__":
-    main()

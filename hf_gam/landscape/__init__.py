@@ -14,12 +14,11 @@ exactly afterwards.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .flatness import _measurement_mode, _stack, _unwrap, digits_examples, model_loss_fn
+from ..measuring import measurement_mode, model_loss_fn, unwrap
 
 __all__ = ["filter_normalized_direction", "loss_curve", "loss_surface", "plot_curves", "plot_contour"]
 
@@ -28,7 +27,7 @@ def filter_normalized_direction(model: torch.nn.Module, seed: int = 0) -> list[t
     """One random direction, as a list aligned with the model's trainable parameters."""
     generator = torch.Generator().manual_seed(seed)
     direction = []
-    for p in _unwrap(model).parameters():
+    for p in unwrap(model).parameters():
         if not p.requires_grad:
             continue
         d = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(device=p.device, dtype=p.dtype)
@@ -44,13 +43,13 @@ def filter_normalized_direction(model: torch.nn.Module, seed: int = 0) -> list[t
 
 def _losses_at(model, batch, loss, offsets: Sequence[Sequence[float]], directions) -> list[float]:
     """Loss at theta + sum_k c_k d_k for every coefficient tuple in `offsets`."""
-    model = _unwrap(model)
+    model = unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
     loss_fn = model_loss_fn(model, batch, loss)
     values = []
     try:
-        with _measurement_mode(model), torch.no_grad():
+        with measurement_mode(model), torch.no_grad():
             for coeffs in offsets:
                 for i, (p, s) in enumerate(zip(params, saved)):
                     v = s.clone()
@@ -122,36 +121,3 @@ def plot_contour(surfaces: Mapping[str, Sequence[Sequence[float]]], alphas: Sequ
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hf_gam.landscape", description=__doc__.split("\n")[0])
-    parser.add_argument("--run", action="append", required=True, help="LABEL=CHECKPOINT_DIR, repeat to compare")
-    parser.add_argument("--split", default="train", help="digits split for the fixed batch")
-    parser.add_argument("--num-examples", type=int, default=512)
-    parser.add_argument("--directions", type=int, default=3)
-    parser.add_argument("--radius", type=float, default=1.0)
-    parser.add_argument("--points", type=int, default=21)
-    parser.add_argument("--out", required=True, help="PNG for the 1-D curves")
-    parser.add_argument("--contour", default=None, help="also write a 2-D contour PNG here")
-    args = parser.parse_args(argv)
-
-    from transformers import AutoModelForImageClassification
-
-    batch = _stack(digits_examples(args.split)[: args.num_examples])
-    alphas = [args.radius * (2 * k / (args.points - 1) - 1) for k in range(args.points)]
-    curves, surfaces = {}, {}
-    for spec in args.run:
-        label, path = spec.split("=", 1)
-        model = AutoModelForImageClassification.from_pretrained(path)
-        curves[label] = [loss_curve(model, batch, alphas, seed=s) for s in range(args.directions)]
-        if args.contour:
-            surfaces[label] = loss_surface(model, batch, alphas, seed=0)
-    plot_curves(curves, alphas, args.out)
-    if args.contour:
-        plot_contour(surfaces, alphas, args.contour)
-    print(f"wrote {args.out}" + (f" and {args.contour}" if args.contour else ""))
-
-
-if __name__ == "__main__":
-    main()

@@ -25,9 +25,7 @@ number of evaluation examples; `python -m hf_gam.compression CHECKPOINT` measure
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,10 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .flatness import (
-    BoundCallback, _to_device, _unwrap as _unwrap_wrappers, add_checkpoint_arguments, as_batches, load_checkpoint,
-    slice_batch, take_examples,
-)
+from ..measuring import BoundCallback, as_batches, take_examples, to_device, unwrap as unwrap_wrappers
 
 __all__ = [
     "DEFAULT_COMPRESSIONS",
@@ -234,7 +229,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     for parameter in model.parameters():
         if type(parameter.data).__name__ == "DTensor":
             raise NotImplementedError("Compression needs full (unsharded) parameters; FSDP is not supported.")
-    return _unwrap_wrappers(model)  # DDP / DataParallel
+    return unwrap_wrappers(model)  # DDP / DataParallel
 
 
 def _logits(output) -> torch.Tensor:
@@ -265,7 +260,7 @@ def accuracy(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], la
     correct = total = 0
     try:
         for batch in batches:
-            inputs = _to_device(dict(batch), device)
+            inputs = to_device(dict(batch), device)
             labels = inputs.pop(label_key)
             predictions = _logits(model(**inputs)).argmax(dim=-1)
             keep = labels != -100
@@ -398,40 +393,3 @@ class CompressionCallback(BoundCallback):
             self._examples(None)
             self._log(model, state)
         return control
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m hf_gam.compression",
-        description="Accuracy of a saved image-classification checkpoint before and after compression (low-bit "
-        "weights, int8 dynamic quantization, global magnitude pruning, weight noise), each on a copy.",
-    )
-    add_checkpoint_arguments(parser, split="test", num_examples=1024)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--compressions", default=",".join(c.kind if c.level is None else f"{c.kind}:{c.level:g}"
-                                                          for c in DEFAULT_COMPRESSIONS),
-                        help="comma-separated: rtn:BITS, int8_dynamic, prune:FRACTION, noise:STD")
-    parser.add_argument("--noise-draws", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="also write the report to this file")
-    args = parser.parse_args(argv)
-
-    compressions = [Compression.parse(text) for text in args.compressions.split(",") if text.strip()]
-    model, batch = load_checkpoint(args)
-    n = len(batch["labels"])
-    batches = [slice_batch(batch, i, min(i + args.batch_size, n)) for i in range(0, n, args.batch_size)]
-    report = compression_report(model, batches, compressions, noise_draws=args.noise_draws, seed=args.seed)
-    print(f"{args.checkpoint}: {n} examples of {args.data}" + (f" ({args.split})" if args.data == "digits" else ""))
-    print(format_table({"accuracy": report}, compressions))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"checkpoint": args.checkpoint, "num_examples": n, **report}, f, indent=2)
-    return report
-
-
-if __name__ == "__main__":
-    main()
