@@ -30,7 +30,7 @@ iterates and measure the Hessian of the mean loss over the union of their exampl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
