@@ -82,6 +82,18 @@ def test_global_magnitude_pruning_by_hand():
     assert big[0].bias.ne(0).all()  # biases are not pruned
 
 
+def test_global_pruning_takes_different_shares_of_different_layers():
+    # Layer `first` holds only large weights (10..17), layer `second` only small ones (0.1..0.4): pruning half of all
+    # twelve weights removes the 4 small ones and the 2 smallest large ones (10, 11), i.e. 100% of `second` and 25% of
+    # `first`. Pruning each layer by half on its own would leave 2 weights of `second` and remove 4 of `first`.
+    first = torch.tensor([[10.0, -11.0], [12.0, -13.0], [14.0, -15.0], [16.0, -17.0]])
+    second = torch.tensor([[0.1, -0.2, 0.3, -0.4]])
+    model = TwoLinear(first, second)
+    prune_global_magnitude(model, 0.5)
+    assert torch.equal(model.second.weight, torch.zeros(1, 4))
+    assert torch.equal(model.first.weight, torch.tensor([[0.0, 0.0], [12.0, -13.0], [14.0, -15.0], [16.0, -17.0]]))
+
+
 def test_weight_noise_is_relative_to_each_tensor_and_seeded():
     model = nn.Sequential(nn.Linear(200, 100), nn.Linear(100, 50))
     with torch.no_grad():
