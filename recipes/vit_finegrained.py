@@ -40,8 +40,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import set_seed
-
 from hf_gam import GAMTrainer, vision
 
 
@@ -70,41 +68,16 @@ DEFAULTS: dict[str, Any] = {
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """Parse the command line (or `argv`), fine-tune, evaluate, test once, write the model card; return the
-    validation (`eval_*`) and test (`test_*`) metrics."""
+    """Parse the command line (or `argv`) and run `hf_gam.vision.run_image_classification` with `GAMTrainer`:
+    fine-tune, evaluate, test once, measure compression, write the model card; return the validation (`eval_*`),
+    test (`test_*`) and compression (`compression_*`) metrics."""
     # Arguments: dataclass defaults < DEFAULTS < a `--config` file < flags. Tokens on the command line are refused.
     parser = vision.recipe_parser(vision.ModelArguments, FineGrainedDataArguments, vision.RecipeTrainingArguments)
     model_args, data_args, training_args = vision.parse_recipe_args(parser, DEFAULTS, argv)
     preset = vision.resolve_preset(data_args.dataset) if data_args.dataset else None  # Hub id, splits, columns
-
-    vision.setup_logging(training_args)
-    # Resume only when asked; an output folder that already holds checkpoints is refused before any data loads.
-    checkpoint = vision.resolve_resume(training_args)
-    set_seed(training_args.seed)
-
-    # Data: the preset's (or the flags') train, validation and test splits; without a validation split, a
-    # stratified part of train is held out for model selection.
-    data = vision.resolve_data(data_args, preset)
-    splits = vision.load_splits(data, data_args, training_args, cache_dir=model_args.cache_dir)
-
-    # Model: the checkpoint's config and weights with a head for these classes, and its image processor.
-    model, image_processor = vision.load_model(model_args, splits.class_names)
-    # Transforms at the checkpoint's input size, mean and std: --train_augmentation for train, center crop for the rest.
-    vision.set_transforms(splits, image_processor, data, data_args.train_augmentation)
-
-    # Train with GAM, evaluate on the validation split, test once, then write the card (or push with --push_to_hub).
-    trainer = vision.build_trainer(GAMTrainer, model, image_processor, training_args, splits)
-    metrics: dict[str, float] = {}
-    if training_args.do_train:
-        vision.train_model(trainer, checkpoint)
-    if training_args.do_eval:
-        metrics.update(vision.evaluate_model(trainer))
-    if splits.test is not None and training_args.do_predict:
-        metrics.update(vision.evaluate_test_split(trainer, splits.test, data))  # once, after training
-    # Accuracy after pruning, low-bit and int8 weights and weight noise (each on a copy), for the model card.
-    metrics.update(vision.measure_compression(trainer, splits, data, data_args.compression_eval_samples))
-    vision.create_model_card_or_push(trainer, model_args, data)
-    return metrics
+    # The run (hf_gam/vision/run.py): the resume policy before any data loads, the data, the model, training,
+    # validation, the test split once, accuracy after compression, the model card or the push.
+    return vision.run_image_classification(model_args, data_args, training_args, GAMTrainer, preset)
 
 
 if __name__ == "__main__":

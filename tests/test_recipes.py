@@ -461,3 +461,44 @@ def test_model_selection_never_sees_the_test_split(assets, tmp_path, monkeypatch
     assert read_test_results(card)["test_accuracy"] == pytest.approx(test_results["test_accuracy"], abs=1e-4)
     assert "split `test`" in card
     assert card_metric(card, "Accuracy") == pytest.approx(metrics["eval_accuracy"], abs=1e-4)  # stock card: validation
+
+
+def test_both_recipes_run_the_same_steps(assets, tmp_path):
+    """Given the same flags, the two recipes make the same run: the same metrics, validation, test and compression."""
+    results = {}
+    for name in ("vit_imagenet", "vit_finegrained"):
+        argv = base_args(assets, tmp_path / name) + [
+            "--train_dir", str(assets / "train"),
+            "--validation_dir", str(assets / "validation"),
+            "--test_dir", str(assets / "validation"),
+            "--max_steps", "2", "--save_strategy", "no", "--compression_eval_samples", "12",
+        ]
+        results[name] = load_recipe(name).main(argv)
+        assert (tmp_path / name / "test_results.json").is_file() and (tmp_path / name / "README.md").is_file()
+    imagenet, finegrained = results["vit_imagenet"], results["vit_finegrained"]
+    assert set(imagenet) == set(finegrained)
+    assert {"eval_accuracy", "test_accuracy", "compression_baseline", "compression_pruned_90"} <= set(imagenet)
+    timings = ("_runtime", "_per_second")
+    assert {k: v for k, v in imagenet.items() if not k.endswith(timings)} == {
+        k: v for k, v in finegrained.items() if not k.endswith(timings)
+    }
+
+
+def test_the_run_leaves_the_callers_training_args_as_given(assets, tmp_path):
+    """`remove_unused_columns=True` would drop the image column: the trainer gets a copy with it off, and the
+    caller's arguments are not written to."""
+    from hf_gam import vision
+
+    parser = vision.recipe_parser(vision.ModelArguments, vision.DataTrainingArguments, vision.RecipeTrainingArguments)
+    argv = base_args(assets, tmp_path / "run") + [
+        "--train_dir", str(assets / "train"), "--validation_dir", str(assets / "validation"),
+        "--max_steps", "1", "--save_strategy", "no", "--compression_eval_samples", "0",
+        "--remove_unused_columns", "true",
+    ]
+    model_args, data_args, training_args = vision.parse_recipe_args(parser, vision.COMMON_TRAINING_DEFAULTS, argv)
+    before = (vars(model_args).copy(), vars(data_args).copy(), training_args.to_dict())
+    metrics = vision.run_image_classification(model_args, data_args, training_args, RecordingGAMTrainer)
+    assert "eval_accuracy" in metrics
+    assert RecordingGAMTrainer.instances[-1].args.remove_unused_columns is False
+    assert training_args.remove_unused_columns is True
+    assert (vars(model_args), vars(data_args), training_args.to_dict()) == before

@@ -13,8 +13,8 @@ Each module holds one part of a fine-tuning run:
 - `metrics`: top-1 and top-5 accuracy.
 - `digits`: scikit-learn's bundled digits as a transfer task (pretrain on some classes, fine-tune on the others)
   and small models for them, for the demo and the fine-tuning benchmark (not re-exported: `hf_gam.vision.digits`).
-- `run`: the steps of a run (load the splits, the model, build the trainer, train, evaluate, test once, write the
-  model card), called in order by the recipes, and `run_image_classification`, which runs them all.
+- `run`: `run_image_classification`, the run both recipes call (load the splits, the model, build the trainer,
+  train, evaluate, test once, measure compression, write the model card), and each of its steps.
 
 Every public name is importable from `hf_gam.vision`. Two are read from this package at call time, so a test can
 replace them here: `hub_dataset_path` (where a Hub id is loaded from) and `load_image_datasets`. The modules log

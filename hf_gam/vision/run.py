@@ -1,18 +1,18 @@
-"""The steps of a fine-tuning run, each a small function the recipes call in this order:
+"""A fine-tuning run: `run_image_classification`, which both recipes call, and the steps it runs in this order:
 
     setup_logging -> resolve_resume -> (set_seed) -> resolve_data -> load_splits -> load_model -> set_transforms
     -> build_trainer -> train_model -> evaluate_model -> evaluate_test_split -> measure_compression
     -> create_model_card_or_push
 
-`run_image_classification` runs the same steps in one call. This module does not import the trainer: the
-recipes pass `GAMTrainer` to `build_trainer`.
+Each step is a small function of its own, public so that a script of another shape can call them. This module
+does not import the trainer: the recipes pass `GAMTrainer` to `run_image_classification`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hf_gam.modelcard import append_compression_table, append_test_results
@@ -140,10 +140,13 @@ def with_test_results_card(trainer_class: type) -> type:
 
 def build_trainer(trainer_class: type, model: Any, image_processor: Any, training_args: Any, splits: Splits) -> Any:
     """`trainer_class` (the recipes pass `GAMTrainer`) on `splits`, with the image collator, top-1/top-5 accuracy
-    from the top-5 indices, and a model card that also records the test results."""
+    from the top-5 indices, and a model card that also records the test results.
+
+    The transforms read the image column, so the trainer must keep it: with `remove_unused_columns=True` the trainer
+    gets a copy of `training_args` with it turned off. `training_args` itself is never written to."""
     if training_args.remove_unused_columns:
-        logger.warning("Setting `remove_unused_columns=False`: the image column is only read by the transforms.")
-        training_args.remove_unused_columns = False
+        logger.warning("Using `remove_unused_columns=False`: the image column is only read by the transforms.")
+        training_args = replace(training_args, remove_unused_columns=False)
     return with_test_results_card(trainer_class)(
         model=model,
         args=training_args,
@@ -233,25 +236,35 @@ def run_image_classification(
     trainer_class: type,
     preset: DatasetPreset | None = None,
 ) -> dict[str, float]:
-    """Fine-tune `model_args.model_name_or_path` on the data described by `data_args` (and `preset`): the steps of
-    the recipes' `main` in one call.
+    """Fine-tune `model_args.model_name_or_path` on the data described by `data_args` (and `preset`): the run both
+    recipes' `main` calls once their arguments are parsed.
 
-    `trainer_class` is the Trainer to use (the recipes pass `GAMTrainer`). Evaluation during training, early
-    stopping and best-model selection see only the validation split (the data's own, or a stratified part of
-    train). The test split, when there is one, is evaluated once after training (`--do_predict`) and reported as
-    `test_*` in `test_results.json`, `all_results.json` and a line of the model card. Saves the model, its image
-    processor and the card to `training_args.output_dir`, pushes them when `--push_to_hub` is set, and returns
-    the final validation (`eval_*`) and test (`test_*`) metrics.
+    `trainer_class` is the Trainer to use (the recipes pass `GAMTrainer`). An output folder that already holds
+    checkpoints is refused (or resumed, or overwritten: `resolve_resume`) before any data is loaded. Evaluation
+    during training, early stopping and best-model selection see only the validation split (the data's own, or a
+    stratified part of train). The test split, when there is one, is evaluated once after training
+    (`--do_predict`) and reported as `test_*` in `test_results.json`, `all_results.json` and a line of the model
+    card. Saves the model, its image processor and the card to `training_args.output_dir`, pushes them when
+    `--push_to_hub` is set, and returns the final validation (`eval_*`), test (`test_*`) and compression
+    (`compression_*`) metrics. None of the three argument objects is written to.
     """
     from transformers import set_seed
 
     setup_logging(training_args)
-    checkpoint = resolve_resume(training_args)  # before any data is loaded
+    # Resume only when asked; an output folder that already holds checkpoints is refused before any data loads.
+    checkpoint = resolve_resume(training_args)
     set_seed(training_args.seed)
+
+    # Data: train, validation (a stratified part of train when the data have none) and test splits.
     data = resolve_data(data_args, preset)
     splits = load_splits(data, data_args, training_args, cache_dir=model_args.cache_dir)
+
+    # Model: the checkpoint's config and weights with a head for these classes, and its image processor; the
+    # transforms at its input size, mean and std.
     model, image_processor = load_model(model_args, splits.class_names)
     set_transforms(splits, image_processor, data, data_args.train_augmentation)
+
+    # Train, evaluate on the validation split, evaluate the test split once.
     trainer = build_trainer(trainer_class, model, image_processor, training_args, splits)
     metrics: dict[str, float] = {}
     if training_args.do_train:
@@ -260,6 +273,12 @@ def run_image_classification(
         metrics.update(evaluate_model(trainer))
     if splits.test is not None and training_args.do_predict:
         metrics.update(evaluate_test_split(trainer, splits.test, data))
+
+    # After training: accuracy after pruning, low-bit and int8 weights and weight noise (each on a copy).
     metrics.update(measure_compression(trainer, splits, data, data_args.compression_eval_samples))
+    # Whatever else is made from the final model goes here, so that the card below records it and the push
+    # uploads it with the rest of the output folder.
+
+    # Last: the model card (or the push with --push_to_hub).
     create_model_card_or_push(trainer, model_args, data)
     return metrics
