@@ -1,6 +1,7 @@
 """Compression (`hf_gam.compression`): hand-computed small cases, copies that leave the model alone, the callback
 under a real Trainer run, and the command line on a saved checkpoint."""
 
+import copy
 import json
 import os
 import subprocess
@@ -112,21 +113,43 @@ def test_weight_noise_is_relative_to_each_tensor_and_seeded():
     assert all(torch.equal(a.weight, b.weight) for a, b in zip(again, model))
 
 
-def test_int8_dynamic_quantization_is_the_torch_cpu_path():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    x = torch.randn(64, 16)
-    reference = model(x)
-    quantized = Compression("int8_dynamic").apply(model)
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+@pytest.mark.parametrize("kind", ["int8", "int8_dynamic", "int4"])
+def test_integer_formats_go_through_torchao_and_leave_the_model_alone(kind):
+    import warnings
 
-    assert [type(m) for m in quantized] == [DynamicQuantizedLinear, nn.ReLU, DynamicQuantizedLinear]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    x = torch.randn(64, 32)
+    reference = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # no deprecated torch.ao path
+        quantized = Compression(kind).apply(model)
+    assert all(type(m.weight).__module__.startswith("torchao") for m in (quantized[0], quantized[2]))
+    assert not any(type(m).__module__.startswith("torch.ao") for m in quantized.modules())
     out = quantized(x)
-    assert not torch.equal(out, reference)  # int8 weights really changed the arithmetic
-    assert (out - reference).abs().max() < 0.05 * reference.abs().max()
-    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]  # the original is untouched
+    assert not torch.equal(out, reference)  # integer weights really changed the arithmetic
+    assert (out - reference).abs().max() < (0.2 if kind == "int4" else 0.05) * reference.abs().max()
+    assert all(type(m.weight) is nn.Parameter and type(m.weight.data) is torch.Tensor for m in (model[0], model[2]))
     with pytest.raises(ValueError, match="no nn.Linear"):
-        quantize_dynamic_int8(nn.Sequential(nn.Conv2d(1, 1, 1)))
+        Compression(kind).apply(nn.Sequential(nn.Conv2d(1, 1, 1)))
+    with pytest.raises(ValueError, match="already quantized"):
+        Compression(kind).apply(quantized)
+
+
+def test_int8_dynamic_quantizes_activations_where_int8_does_not():
+    from torchao.quantization import quantize_
+
+    from hf_gam.compression.deploy import torchao_config
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16))
+    x = torch.randn(8, 32)
+    weights_only, dynamic = Compression("int8").apply(model), Compression("int8_dynamic").apply(model)
+    assert not torch.equal(weights_only(x), dynamic(x))
+    by_hand = copy.deepcopy(model)
+    quantize_(by_hand, torchao_config("int8_dynamic"))
+    assert torch.equal(by_hand(x), quantize_dynamic_int8(copy.deepcopy(model))(x))
+    assert torch.equal(by_hand(x), dynamic(x))
 
 
 def test_accuracy_skips_padding_labels():
@@ -164,7 +187,7 @@ def test_report_works_on_copies_and_leaves_model_gradients_mode_and_rng_alone():
     rng = torch.get_rng_state()
     report = compression_report(model, batches)
     assert report["baseline"] == 1.0
-    assert set(report) == {"baseline", "weights_8bit", "weights_4bit", "weights_3bit", "weights_2bit", "int8_dynamic",
+    assert set(report) == {"baseline", "weights_8bit", "weights_4bit", "weights_3bit", "weights_2bit",
                            "pruned_50", "pruned_70", "pruned_90", "noise_0.1", "noise_0.2"}
     assert report["pruned_90"] < report["pruned_50"] <= 1.0  # pruning 90% of a random MLP hurts
     assert report["weights_8bit"] >= report["weights_2bit"]
@@ -179,9 +202,13 @@ def test_report_works_on_copies_and_leaves_model_gradients_mode_and_rng_alone():
 
 
 def test_compression_names_parse_and_bad_levels_are_refused():
-    assert [Compression.parse(t).name for t in ("rtn:4", "int8_dynamic", "prune:0.9", "noise:0.05")] == [
-        "weights_4bit", "int8_dynamic", "pruned_90", "noise_0.05"]
-    for bad in ("rtn:2.5", "prune:1.5", "noise:-1", "int8_dynamic:3", "prune", "zip:3", "rtn:x"):
+    texts = ("rtn:4", "int8_dynamic", "prune:0.9", "noise:0.05", "int8", "int4", "mlp:0.25", "mlp:0.5+int8")
+    assert [Compression.parse(t).name for t in texts] == [
+        "weights_4bit", "int8_dynamic", "pruned_90", "noise_0.05", "int8", "int4", "mlp_0.25", "mlp_0.5+int8"]
+    assert [Compression.parse(t).spec for t in texts] == list(texts)
+    assert [Compression.parse(t).deployable for t in texts] == [False, True, False, False, True, True, True, True]
+    for bad in ("rtn:2.5", "prune:1.5", "noise:-1", "int8_dynamic:3", "prune", "zip:3", "rtn:x", "mlp:1", "mlp",
+                "int8+int4", "mlp:0.5+mlp:0.2", "mlp:0.5+"):
         with pytest.raises(ValueError):
             Compression.parse(bad)
     model, batches = _classifier_and_batches()

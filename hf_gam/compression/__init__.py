@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -35,9 +34,21 @@ import torch
 from torch import nn
 
 from ..measuring import BoundCallback, as_batches, take_examples, to_device, unwrap as unwrap_wrappers
+from .deploy import (
+    INT4_GROUP_SIZE,
+    INTEGER_FORMATS,
+    is_quantized,
+    mlp_blocks,
+    mlp_keep_indices,
+    quantize_dynamic_int8,
+    quantize_int4_weights,
+    quantize_int8_weights,
+    shrink_mlp,
+)
 
 __all__ = [
     "DEFAULT_COMPRESSIONS",
+    "DEPLOYABLE_COMPRESSIONS",
     "Compression",
     "CompressionCallback",
     "accuracy",
@@ -45,10 +56,17 @@ __all__ = [
     "compressible_modules",
     "compression_report",
     "descriptions",
+    "export",
     "format_table",
     "prune_global_magnitude",
+    "is_quantized",
+    "mlp_blocks",
+    "mlp_keep_indices",
     "quantize_dynamic_int8",
+    "quantize_int4_weights",
+    "quantize_int8_weights",
     "quantize_weights_rtn",
+    "shrink_mlp",
     "report_over_ranks",
 ]
 
@@ -125,82 +143,117 @@ def add_weight_noise(model: nn.Module, std: float, generator: torch.Generator) -
     return model
 
 
-def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
-    """`torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)` on the CPU, in place: int8
-    weights with per-tensor scales, activations quantized at run time; returns the quantized model."""
-    from torch.ao.quantization import quantize_dynamic
-
-    if not any(isinstance(module, nn.Linear) for module in model.modules()):
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer for int8 dynamic quantization.")
-    with warnings.catch_warnings():  # torch announces that eager-mode quantization moves to torchao
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        return quantize_dynamic(model.float().cpu(), {nn.Linear}, dtype=torch.qint8, inplace=True)
-
-
 @dataclass(frozen=True)
 class Compression:
-    """One compression: `kind` is "rtn" (bits), "int8_dynamic", "prune" (fraction) or "noise" (relative std)."""
+    """One compression: `kind` is one of `KINDS`, `level` its bits, fraction or relative std (None for the integer
+    formats). `then` is a second compression applied after `mlp:F`: `Compression.parse("mlp:0.5+int8")`."""
 
     kind: str
     level: float | None = None
+    then: "Compression | None" = None
 
-    KINDS = ("rtn", "int8_dynamic", "prune", "noise")
+    KINDS = ("rtn", "int8", "int8_dynamic", "int4", "prune", "mlp", "noise")
+    DEPLOYABLE = ("int8", "int8_dynamic", "int4", "mlp")
+    """The kinds whose result is stored smaller: `hf_gam.compression.export` writes them."""
 
     def __post_init__(self):
         if self.kind not in self.KINDS:
-            raise ValueError(f"Unknown compression {self.kind!r}; known: {', '.join(self.KINDS)}.")
-        if (self.level is None) != (self.kind == "int8_dynamic"):
-            raise ValueError(f"Compression {self.kind!r} " + ("takes no level." if self.kind == "int8_dynamic"
-                                                              else "needs a level, e.g. 'prune:0.9'."))
+            raise ValueError(f"Unknown compression {self.kind!r}; known: {', '.join(self.KINDS)} (combine mlp:F with "
+                             "another one with '+', e.g. 'mlp:0.5+int8').")
+        if (self.level is None) != (self.kind in INTEGER_FORMATS):
+            raise ValueError(f"Compression {self.kind!r} " + ("takes no level." if self.kind in INTEGER_FORMATS
+                                                              else f"needs a level, e.g. '{self.kind}:{_EXAMPLE[self.kind]}'."))
         if self.kind == "rtn" and not (float(self.level).is_integer() and 1 <= self.level <= 16):
             raise ValueError(f"rtn needs a whole number of bits in [1, 16]; got {self.level!r}.")
         if self.kind == "prune" and not 0.0 <= self.level <= 1.0:
             raise ValueError(f"prune needs a fraction in [0, 1]; got {self.level!r}.")
+        if self.kind == "mlp" and not 0.0 <= self.level < 1.0:
+            raise ValueError(f"mlp needs the fraction of MLP neurons to remove, in [0, 1); got {self.level!r}.")
         if self.kind == "noise" and not self.level >= 0:
             raise ValueError(f"noise needs a non-negative relative standard deviation; got {self.level!r}.")
+        if self.then is not None and (self.kind != "mlp" or self.then.kind == "mlp" or self.then.then is not None):
+            raise ValueError(f"A combined compression is mlp:F followed by one other compression (e.g. "
+                             f"'mlp:0.5+int8'); got {self.spec!r}.")
 
     @classmethod
     def parse(cls, text: str) -> "Compression":
-        """'rtn:4', 'int8_dynamic', 'prune:0.9', 'noise:0.1'."""
-        kind, _, level = text.strip().partition(":")
+        """'rtn:4', 'int8', 'int8_dynamic', 'int4', 'prune:0.9', 'mlp:0.5', 'noise:0.1', or 'mlp:F+OTHER'."""
+        first, plus, rest = text.strip().partition("+")
+        kind, _, level = first.strip().partition(":")
         try:
             value = float(level) if level else None
         except ValueError:
             raise ValueError(f"Cannot read the level of compression {text!r}.") from None
-        return cls(kind, value)
+        if plus and not rest.strip():
+            raise ValueError(f"Nothing follows '+' in compression {text!r}.")
+        return cls(kind, value, cls.parse(rest) if plus else None)
+
+    @property
+    def spec(self) -> str:
+        """The text `parse` reads back: 'mlp:0.5+int8'."""
+        own = self.kind if self.level is None else f"{self.kind}:{self.level:g}"
+        return own + (f"+{self.then.spec}" if self.then is not None else "")
 
     @property
     def name(self) -> str:
-        """The key of its accuracy in a report: weights_4bit, int8_dynamic, pruned_90, noise_0.1."""
+        """The key of its accuracy in a report: weights_4bit, int8, int8_dynamic, int4, pruned_90, mlp_0.5,
+        noise_0.1, mlp_0.5+int8."""
         if self.kind == "rtn":
-            return f"weights_{int(self.level)}bit"
-        if self.kind == "prune":
-            return f"pruned_{100 * self.level:g}"
-        if self.kind == "noise":
-            return f"noise_{self.level:g}"
-        return self.kind
+            own = f"weights_{int(self.level)}bit"
+        elif self.kind == "prune":
+            own = f"pruned_{100 * self.level:g}"
+        elif self.kind in ("noise", "mlp"):
+            own = f"{self.kind}_{self.level:g}"
+        else:
+            own = self.kind
+        return own + (f"+{self.then.name}" if self.then is not None else "")
 
     @property
     def description(self) -> str:
-        if self.kind == "rtn":
-            return f"{int(self.level)}-bit weights (round-to-nearest, per channel)"
-        if self.kind == "prune":
-            return f"{100 * self.level:g}% of weights pruned (global magnitude)"
-        if self.kind == "noise":
-            return f"Gaussian weight noise, {self.level:g} x rms"
-        return "int8 dynamic quantization (torch.ao, CPU)"
+        own = {
+            "rtn": lambda: f"{int(self.level or 0)}-bit weights (round-to-nearest, per channel)",
+            "prune": lambda: f"{100 * (self.level or 0):g}% of weights pruned (global magnitude)",
+            "noise": lambda: f"Gaussian weight noise, {self.level:g} x rms",
+            "mlp": lambda: f"{100 * (self.level or 0):g}% of the MLP neurons removed (a smaller model)",
+            "int8": lambda: "int8 weights (torchao, weight-only)",
+            "int8_dynamic": lambda: "int8 weights and activations (torchao, dynamic)",
+            "int4": lambda: f"4-bit weights (torchao, groups of {INT4_GROUP_SIZE})",
+        }[self.kind]()
+        return own + (f", then {self.then.description}" if self.then is not None else "")
+
+    @property
+    def deployable(self) -> bool:
+        """Whether the compressed model is stored smaller (`export` writes only these)."""
+        return self.kind in self.DEPLOYABLE and (self.then is None or self.then.deployable)
+
+    @property
+    def random(self) -> bool:
+        """Whether it draws random numbers (weight noise)."""
+        return self.kind == "noise" or (self.then is not None and self.then.random)
 
     def apply(self, model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
         """A compressed deep copy of `model` in evaluation mode; `model` itself is left as it was."""
-        compressed = copy.deepcopy(_unwrap(model)).eval()
+        if is_quantized(_unwrap(model)):
+            raise ValueError(f"{type(_unwrap(model)).__name__} is already quantized; compress the float model.")
+        return self.apply_in_place(copy.deepcopy(_unwrap(model)).eval(), generator)
+
+    def apply_in_place(self, model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+        """Compress `model` itself; returns the compressed model."""
         if self.kind == "rtn":
-            return quantize_weights_rtn(compressed, int(self.level))
-        if self.kind == "prune":
-            return prune_global_magnitude(compressed, self.level)
-        if self.kind == "noise":
-            return add_weight_noise(compressed, self.level, generator or torch.Generator().manual_seed(0))
-        return quantize_dynamic_int8(compressed)
+            model = quantize_weights_rtn(model, int(self.level))
+        elif self.kind == "prune":
+            model = prune_global_magnitude(model, self.level)
+        elif self.kind == "noise":
+            model = add_weight_noise(model, self.level, generator or torch.Generator().manual_seed(0))
+        elif self.kind == "mlp":
+            model = shrink_mlp(model, self.level)
+        else:
+            model = {"int8": quantize_int8_weights, "int8_dynamic": quantize_dynamic_int8,
+                     "int4": quantize_int4_weights}[self.kind](model)
+        return self.then.apply_in_place(model, generator) if self.then is not None else model
+
+
+_EXAMPLE = {"rtn": "4", "prune": "0.9", "mlp": "0.5", "noise": "0.1"}
 
 
 def _as_compressions(items: Iterable[Compression | str]) -> list[Compression]:
@@ -214,11 +267,17 @@ def descriptions(compressions: Sequence[Compression | str] = ()) -> dict[str, st
 
 DEFAULT_COMPRESSIONS: tuple[Compression, ...] = (
     Compression("rtn", 8), Compression("rtn", 4), Compression("rtn", 3), Compression("rtn", 2),
-    Compression("int8_dynamic"),
     Compression("prune", 0.5), Compression("prune", 0.7), Compression("prune", 0.9),
     Compression("noise", 0.1), Compression("noise", 0.2),
 )
-"""What `compression_report` measures unless told otherwise."""
+"""What `compression_report` measures unless told otherwise: the compressions that need only torch and apply to
+any model with Linear or Conv layers. They show how much the weights tolerate; none of them shrinks a file."""
+
+DEPLOYABLE_COMPRESSIONS: tuple[Compression, ...] = (
+    Compression("int8"), Compression("int8_dynamic"), Compression("int4"),
+    Compression("mlp", 0.25), Compression("mlp", 0.5), Compression("mlp", 0.5, Compression("int8")),
+)
+"""The formats `export` writes as smaller models (the integer ones need torchao; `mlp:F` a ViT-style model)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,7 +358,7 @@ def compression_report(
     compressions = _as_compressions(compressions)
     report = {"baseline": evaluate(_unwrap(model))}
     for compression in compressions:
-        if compression.kind == "noise":
+        if compression.random:
             generator = torch.Generator().manual_seed(seed)
             scores = [evaluate(compression.apply(model, generator)) for _ in range(noise_draws)]
             report[compression.name] = sum(scores) / len(scores)
@@ -393,3 +452,6 @@ class CompressionCallback(BoundCallback):
             self._examples(None)
             self._log(model, state)
         return control
+
+
+from .exports import REPORT_NAME, export, recover_with_trainer, variant_name, weights_size  # noqa: E402  (uses the above)
