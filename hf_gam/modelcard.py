@@ -260,3 +260,129 @@ def read_compression_table(card_text: str) -> dict[str, float]:
         raise ValueError("The model card has no compression table.")
     rows = re.findall(r"^\| `(\w+(?:\.\d+)?)` \| [^|]* \| ([-0-9.]+) \|", card_text[start:end], re.MULTILINE)
     return {("baseline" if name == "none" else name): float(value) for name, value in rows}
+
+
+VARIANTS_BEGIN = "<!-- hf_gam:compressed-variants:begin -->"
+VARIANTS_END = "<!-- hf_gam:compressed-variants:end -->"
+VARIANTS_TITLE = "## Compressed variants"
+VARIANTS_PICTURE = "compressed_variants.svg"
+"""The picture of accuracy against size on disk, written beside the card by `write_variants_picture`."""
+
+
+def _variant_rows(reports: dict[str, dict]) -> list[dict]:
+    """One row per model: the uncompressed one first (from the first report), then each variant."""
+    first = next(iter(reports.values()))
+    rows = [{"variant": "none", "path": "", **first["original"]}]
+    for path, report in reports.items():
+        rows.append({"variant": report["compression"], "path": path, **report["compressed"]})
+    return rows
+
+
+def render_variants_section(reports: dict[str, dict], split_name: str, picture: str | None = VARIANTS_PICTURE) -> str:
+    """The card's section "Compressed variants" (between markers): `reports` maps each variant's folder (relative
+    to the model's, as `from_pretrained(..., subfolder=...)` takes it) to its `export_report.json`."""
+    rows = _variant_rows(reports)
+    baseline = rows[0].get("accuracy")
+    first = next(iter(reports.values()))
+    lines = [
+        VARIANTS_BEGIN,
+        VARIANTS_TITLE,
+        "",
+        "Smaller models written from the final weights by `hf_gam.compression.export`, each a `save_pretrained`",
+        'folder of this repository: `AutoModelForImageClassification.from_pretrained(REPO, subfolder="FOLDER")`',
+        "(the integer formats load through torchao: `pip install torchao`). Size: bytes of the weight files. Latency:",
+        "CPU, median of alternating timings of the two models in one run (compare within a row, not across machines).",
+        f"Accuracy: top-1 on {first.get('num_examples', 0)} examples of the split `{split_name}`, measured on the",
+        "model reloaded from its folder.",
+        "",
+        "| variant | folder | size (MB) | parameters | latency batch 1 (ms) | latency batch 32 (ms) | accuracy | change |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        latency = row.get("latency_ms", {})
+        cells = [
+            f"`{row['variant']}`", f"`{row['path']}`" if row["path"] else "(this folder)",
+            f"{row['weights_bytes'] / 1e6:.3f}", f"{row['parameters']:,}",
+            f"{latency['batch_1']:.2f}" if "batch_1" in latency else "",
+            f"{latency['batch_32']:.2f}" if "batch_32" in latency else "",
+            f"{row['accuracy']:.4f}" if "accuracy" in row else "",
+            f"{row['accuracy'] - baseline:+.4f}" if "accuracy" in row and row["path"] and baseline is not None else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if picture and baseline is not None:
+        lines += ["", f"![Accuracy against size on disk, one point per variant]({picture})"]
+    return "\n".join(lines + [VARIANTS_END]) + "\n"
+
+
+def append_variants_section(readme_path: str, reports: dict[str, dict], split_name: str,
+                            picture: str | None = VARIANTS_PICTURE) -> None:
+    """Add (or replace) the section "Compressed variants" of the model card at `readme_path`."""
+    _put_block(readme_path, render_variants_section(reports, split_name, picture), VARIANTS_BEGIN, VARIANTS_END)
+
+
+def read_variants_table(card_text: str) -> dict[str, dict[str, float]]:
+    """Parse the section written by `append_variants_section` into `{variant: {"size_mb", "parameters",
+    "accuracy"}}` (`"none"` for the uncompressed model)."""
+    start = card_text.find(VARIANTS_BEGIN)
+    end = card_text.find(VARIANTS_END, start)
+    if start < 0 or end < 0:
+        raise ValueError("The model card has no section of compressed variants.")
+    rows = {}
+    for line in card_text[start:end].splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = {"size_mb": float(cells[2]), "parameters": int(cells[3].replace(",", "")),
+                                         "accuracy": float(cells[6]) if cells[6] else float("nan")}
+    return rows
+
+
+def variants_picture(reports: dict[str, dict]) -> str:
+    """An SVG scatter plot of accuracy against size on disk (MB), one labelled point per model (no plotting
+    library needed)."""
+    rows = [row for row in _variant_rows(reports) if "accuracy" in row]
+    width, height, left, right, top, bottom = 560, 360, 70, 30, 30, 50
+    sizes = [row["weights_bytes"] / 1e6 for row in rows]
+    accuracies = [row["accuracy"] for row in rows]
+    x_max = max(sizes) * 1.1
+    y_low, y_high = min(accuracies), max(accuracies)
+    pad = max(0.02, 0.1 * (y_high - y_low))
+    y_low, y_high = max(0.0, y_low - pad), min(1.0, y_high + pad)
+    if y_high <= y_low:
+        y_high = y_low + pad
+
+    def x(value: float) -> float:
+        return left + (width - left - right) * value / x_max
+
+    def y(value: float) -> float:
+        return height - bottom - (height - top - bottom) * (value - y_low) / (y_high - y_low)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+        'font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
+        f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">weights on disk (MB)</text>',
+        f'<text x="16" y="{(top + height - bottom) / 2}" text-anchor="middle" '
+        f'transform="rotate(-90 16 {(top + height - bottom) / 2})">accuracy</text>',
+    ]
+    for i in range(5):
+        value = x_max * i / 4
+        parts.append(f'<text x="{x(value):.1f}" y="{height - bottom + 16}" text-anchor="middle">{value:.2f}</text>')
+        level = y_low + (y_high - y_low) * i / 4
+        parts.append(f'<text x="{left - 6}" y="{y(level) + 4:.1f}" text-anchor="end">{level:.3f}</text>')
+    for row, size, value in zip(rows, sizes, accuracies):
+        color = "black" if row["variant"] == "none" else "#1f77b4"
+        parts.append(f'<circle cx="{x(size):.1f}" cy="{y(value):.1f}" r="5" fill="{color}"/>')
+        parts.append(f'<text x="{x(size) + 8:.1f}" y="{y(value) - 6:.1f}">{row["variant"]}</text>')
+    return "\n".join(parts + ["</svg>"]) + "\n"
+
+
+def write_variants_picture(directory: str, reports: dict[str, dict]) -> str | None:
+    """Write `variants_picture(reports)` to `directory/VARIANTS_PICTURE`; returns its name, or None when no report
+    has an accuracy."""
+    if not any("accuracy" in report["compressed"] for report in reports.values()):
+        return None
+    with open(os.path.join(directory, VARIANTS_PICTURE), "w", encoding="utf-8") as f:
+        f.write(variants_picture(reports))
+    return VARIANTS_PICTURE

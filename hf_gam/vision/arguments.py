@@ -114,6 +114,41 @@ class DataTrainingArguments:
             "the validation split when there is no test split). 0 skips it."
         },
     )
+    export_compressed: str | None = field(
+        default=None,
+        metadata={
+            "help": "After training, write each of these compressions (comma-separated: int8, int8_dynamic, int4, "
+            "mlp:F, mlp:F+int8, ...) as a smaller model a plain `from_pretrained` loads, to "
+            "`<output_dir>/compressed/<variant>` (pushed with the rest by `--push_to_hub`: "
+            "`from_pretrained(repo, subfolder='compressed/<variant>')`), measured on the examples of "
+            "`--compression_eval_samples`; the model card gets a table and a picture. Needs torchao for the integer "
+            "formats."
+        },
+    )
+    recover_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Fine-tune each `mlp:F` variant of `--export_compressed` this many steps on the training split, "
+            "with the run's own step and arguments, before it is quantized and written (one process only)."
+        },
+    )
+
+    def export_specs(self) -> list:
+        """The compressions of `--export_compressed`, parsed (`hf_gam.compression.Compression`)."""
+        from hf_gam.compression import Compression
+
+        return [Compression.parse(text) for text in (self.export_compressed or "").split(",") if text.strip()]
+
+    def __post_init__(self):
+        specs = self.export_specs()  # an unknown spec or a level out of range is an error here, before any work
+        refused = [spec.spec for spec in specs if not spec.deployable]
+        if refused:
+            raise ValueError(f"--export_compressed: {', '.join(refused)} store nothing smaller (the weights stay in "
+                             "floating point); it writes int8, int8_dynamic, int4, mlp:F and mlp:F+<integer format>.")
+        if len({spec.name for spec in specs}) != len(specs):
+            raise ValueError(f"--export_compressed names a variant twice: {self.export_compressed!r}.")
+        if self.recover_steps < 0:
+            raise ValueError(f"--recover_steps must be 0 or more; got {self.recover_steps}.")
 
 
 @dataclass

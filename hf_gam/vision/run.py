@@ -1,8 +1,8 @@
 """A fine-tuning run: `run_image_classification`, which both recipes call, and the steps it runs in this order:
 
     setup_logging -> resolve_resume -> (set_seed) -> resolve_data -> load_splits -> load_model -> set_transforms
-    -> build_trainer -> train_model -> evaluate_model -> evaluate_test_split -> measure_compression
-    -> create_model_card_or_push
+    -> check_exports -> build_trainer -> train_model -> evaluate_model -> evaluate_test_split
+    -> measure_compression -> export_compressed -> create_model_card_or_push
 
 Each step is a small function of its own, public so that a script of another shape can call them. This module
 does not import the trainer: the recipes pass `GAMTrainer` to `run_image_classification`.
@@ -10,12 +10,18 @@ does not import the trainer: the recipes pass `GAMTrainer` to `run_image_classif
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, replace
 from typing import Any
 
-from hf_gam.modelcard import append_compression_table, append_test_results
+from hf_gam.modelcard import (
+    append_compression_table,
+    append_test_results,
+    append_variants_section,
+    write_variants_picture,
+)
 
 from .arguments import DataTrainingArguments, ModelArguments
 from .data import ResolvedData, maybe_truncate, resolve_data, select_splits
@@ -125,6 +131,7 @@ def with_test_results_card(trainer_class: type) -> type:
         test_results: dict[str, float] | None = None
         test_split_name: str = "test"
         compression: tuple[dict[str, float], str, int] | None = None  # (report, split name, examples)
+        compressed_variants: tuple[dict[str, dict], str] | None = None  # ({folder: export report}, split name)
 
         def create_model_card(self, *args: Any, **kwargs: Any) -> None:
             super().create_model_card(*args, **kwargs)
@@ -133,6 +140,10 @@ def with_test_results_card(trainer_class: type) -> type:
                 append_test_results(readme, self.test_results, self.test_split_name)
             if self.compression and self.is_world_process_zero():
                 append_compression_table(readme, *self.compression)
+            if self.compressed_variants and self.is_world_process_zero():
+                reports, split_name = self.compressed_variants
+                picture = write_variants_picture(self.args.output_dir, reports)
+                append_variants_section(readme, reports, split_name, picture)
 
     RecipeTrainer.__name__ = RecipeTrainer.__qualname__ = trainer_class.__name__
     return RecipeTrainer
@@ -187,17 +198,11 @@ def evaluate_test_split(trainer: Any, test_dataset: Any, data: ResolvedData) -> 
     return test_metrics
 
 
-def measure_compression(trainer: Any, splits: Splits, data: ResolvedData, num_examples: int) -> dict[str, float]:
-    """Accuracy of the final model after each compression of `hf_gam.compression` (on copies), on the first
-    `num_examples` examples of the test split (of the validation split when there is none): logged, saved to
-    `compression_results.json` and kept for the model card's table. Every process measures the same examples, so
-    the numbers need no gathering. `num_examples=0` skips it."""
+def compression_examples(trainer: Any, splits: Splits, data: ResolvedData, num_examples: int) -> tuple[list, str]:
+    """The labelled batches the compressions are measured on, the first `num_examples` examples of the test split
+    (of the validation split when there is none), and the name of that split."""
     from torch.utils.data import DataLoader
 
-    from hf_gam.compression import compression_report
-
-    if num_examples <= 0:
-        return {}
     if splits.test is not None:
         dataset = splits.test
         split_name = data.test_dir if data.train_dir is not None else data.test_split
@@ -206,12 +211,86 @@ def measure_compression(trainer: Any, splits: Splits, data: ResolvedData, num_ex
         split_name = data.validation_dir or data.validation_split or "validation (held out from train)"
     examples = dataset.select(range(min(num_examples, len(dataset))))
     loader = DataLoader(examples, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=trainer.data_collator)
-    report = compression_report(trainer.model, list(loader))
+    return list(loader), split_name
+
+
+def measure_compression(trainer: Any, splits: Splits, data: ResolvedData, num_examples: int) -> dict[str, float]:
+    """Accuracy of the final model after each compression of `hf_gam.compression` (on copies), on
+    `compression_examples`: logged, saved to `compression_results.json` and kept for the model card's table. Every
+    process measures the same examples, so the numbers need no gathering. `num_examples=0` skips it."""
+    from hf_gam.compression import compression_report
+
+    if num_examples <= 0:
+        return {}
+    batches, split_name = compression_examples(trainer, splits, data, num_examples)
+    report = compression_report(trainer.model, batches)
     metrics = {f"compression_{name}": value for name, value in report.items()}
     trainer.log_metrics("compression", metrics)
     trainer.save_metrics("compression", metrics)
-    trainer.compression = (report, split_name, len(examples))
+    trainer.compression = (report, split_name, sum(len(batch["labels"]) for batch in batches))
     return metrics
+
+
+EXPORT_FOLDER = "compressed"
+"""Where `export_compressed` writes the variants, inside the output folder: `compressed/<variant>`."""
+
+
+def export_folders(data_args: DataTrainingArguments) -> dict[Any, str]:
+    """`{compression: folder relative to the output folder}` of `--export_compressed`."""
+    from hf_gam.compression import variant_name
+
+    return {spec: f"{EXPORT_FOLDER}/{variant_name(spec)}" for spec in data_args.export_specs()}
+
+
+def check_exports(data_args: DataTrainingArguments, model: Any, training_args: Any, resuming: bool) -> None:
+    """Refuse, before training, what `export_compressed` would refuse after it: `mlp:F` on an architecture without
+    recognisable MLP blocks, the integer formats without torchao, existing variant folders (replaced only with
+    `--overwrite_output_dir` or when resuming), and a recovery under several processes."""
+    from hf_gam.compression import mlp_blocks
+    from hf_gam.compression.deploy import require_torchao
+
+    folders = export_folders(data_args)
+    if not folders:
+        return
+    if any(spec.kind == "mlp" for spec in folders):
+        mlp_blocks(model)
+    if any(spec.kind != "mlp" or spec.then is not None for spec in folders):
+        require_torchao()
+    if data_args.recover_steps and getattr(training_args, "world_size", 1) > 1:
+        raise ValueError("--recover_steps fine-tunes the exported variants on one process; run the export with "
+                         "`python -m hf_gam.compression CHECKPOINT --export ... --recover_steps N` instead.")
+    existing = [folder for folder in folders.values() if os.path.exists(os.path.join(training_args.output_dir, folder))]
+    if existing and not (training_args.overwrite_output_dir or resuming):
+        raise ValueError(f"{training_args.output_dir} already holds {', '.join(existing)}; pass "
+                         "--overwrite_output_dir to replace them.")
+
+
+def export_compressed(trainer: Any, splits: Splits, data: ResolvedData, data_args: DataTrainingArguments) -> None:
+    """Write each variant of `--export_compressed` to `<output_dir>/compressed/<variant>` (`hf_gam.compression.export`,
+    from the final model, which stays as it is), measured on `compression_examples`; the reports are saved as
+    `compressed_variants.json` and kept for the model card. The main process writes; the others wait."""
+    from hf_gam.compression import export, recover_with_trainer
+
+    folders = export_folders(data_args)
+    if not folders:
+        return
+    if trainer.is_world_process_zero():
+        batches, split_name = compression_examples(trainer, splits, data, max(data_args.compression_eval_samples, 0))
+        recover = None
+        if data_args.recover_steps:
+            recover = recover_with_trainer(splits.train, trainer.args, data_args.recover_steps,
+                                           data_collator=trainer.data_collator, trainer_class=type(trainer))
+        reports = {}
+        for spec, folder in folders.items():
+            reports[folder] = export(
+                trainer.model, spec, os.path.join(trainer.args.output_dir, folder), batches=batches or None,
+                processor=trainer.processing_class, overwrite=True, log=logger.info,
+                recover=recover if spec.kind == "mlp" else None,
+            )
+        with open(os.path.join(trainer.args.output_dir, "compressed_variants.json"), "w", encoding="utf-8") as f:
+            json.dump(reports, f, indent=2)
+        trainer.compressed_variants = (reports, split_name)
+    trainer.accelerator.wait_for_everyone()
 
 
 def create_model_card_or_push(trainer: Any, model_args: ModelArguments, data: ResolvedData) -> None:
@@ -263,6 +342,8 @@ def run_image_classification(
     # transforms at its input size, mean and std.
     model, image_processor = load_model(model_args, splits.class_names)
     set_transforms(splits, image_processor, data, data_args.train_augmentation)
+    # The compressed variants to write after training: refused now rather than after the training they need.
+    check_exports(data_args, model, training_args, resuming=checkpoint is not None)
 
     # Train, evaluate on the validation split, evaluate the test split once.
     trainer = build_trainer(trainer_class, model, image_processor, training_args, splits)
@@ -276,8 +357,8 @@ def run_image_classification(
 
     # After training: accuracy after pruning, low-bit and int8 weights and weight noise (each on a copy).
     metrics.update(measure_compression(trainer, splits, data, data_args.compression_eval_samples))
-    # Whatever else is made from the final model goes here, so that the card below records it and the push
-    # uploads it with the rest of the output folder.
+    # Smaller models to deploy (`--export_compressed`), inside the output folder: the push uploads them with the rest.
+    export_compressed(trainer, splits, data, data_args)
 
     # Last: the model card (or the push with --push_to_hub).
     create_model_card_or_push(trainer, model_args, data)
