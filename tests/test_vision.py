@@ -417,3 +417,29 @@ def test_train_augmentation_choices():
     assert train is evaluate
     with pytest.raises(RecipeError, match="train_augmentation"):
         build_transforms(processor, "flip")
+
+
+def as_plain(rows: list[dict]) -> list[tuple]:
+    """Rows of `{"pixel_values": tensor, "labels": int}` as comparable tuples."""
+    return [(tuple(row["pixel_values"].flatten().tolist()), row["labels"]) for row in rows]
+
+
+def test_digits_transfer_task_is_the_benchmarks_scenario():
+    """`transfer_task(n, noise, seed)`: a seeded draw of n images of the pool of 5-9, a seeded share of their labels
+    flipped; validation and test fixed and true; the source every image of 0-4."""
+    from hf_gam.vision import digits
+
+    x, labels = digits.digits_by_class(8)
+    test, validation, pool = digits.split_target(labels, digits.TARGET_CLASSES)
+    target = digits.TARGET_CLASSES
+    clean = digits.transfer_task(100, 0.0, seed=3)
+    assert len(clean.source) == len(digits.class_indices(labels, digits.SOURCE_CLASSES)) == 901
+    assert as_plain(clean.train) == as_plain(digits.examples(x, labels, digits.draw(pool, 100, 3), target))
+    assert as_plain(clean.test) == as_plain(digits.examples(x, labels, test, target))
+    assert as_plain(clean.validation) == as_plain(digits.examples(x, labels, validation, target))
+    noisy = digits.transfer_task(100, 0.2, seed=3)
+    assert as_plain(noisy.train) == as_plain(digits.flip_labels(clean.train, 0.2, 5, seed=3))
+    assert sum(a["labels"] != b["labels"] for a, b in zip(clean.train, noisy.train)) == 20
+    assert as_plain(noisy.test) == as_plain(clean.test)
+    assert as_plain(digits.transfer_task(100, 0.2, seed=4).train) != as_plain(noisy.train)
+    assert len(digits.transfer_task(10_000).train) == len(pool) == 496

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -62,6 +63,39 @@ def flip_labels(rows: Sequence[dict], fraction: float, n_classes: int, seed: int
     for i in rng.sample(range(len(rows)), round(fraction * len(rows))):
         flipped[i]["labels"] = rng.choice([c for c in range(n_classes) if c != rows[i]["labels"]])
     return flipped
+
+
+@dataclass
+class TransferTask:
+    """The rows of one transfer scenario and seed (`transfer_task`)."""
+
+    source: list[dict]
+    """Every image of the source classes, to pretrain on."""
+    train: list[dict]
+    """The fine-tuning set: a seeded draw from the pool of the target classes, some labels flipped if asked."""
+    validation: list[dict]
+    test: list[dict]
+
+
+def transfer_task(n_train: int, label_noise: float = 0.0, seed: int = 0, size: int = 8,
+                  source_classes: Sequence[int] = SOURCE_CLASSES, target_classes: Sequence[int] = TARGET_CLASSES,
+                  n_test: int = 300, n_validation: int = 100) -> TransferTask:
+    """Pretrain on `source_classes`, fine-tune on `n_train` images of `target_classes` (all 496 of the pool of the
+    digits 5-9 when `n_train` is 496 or more) drawn with `seed`, with a seeded fraction `label_noise` of their labels
+    flipped to another class; validation and test rows (fixed, `split_target`) keep their true labels. Labels are
+    renumbered 0, 1, ... in the order of each class tuple. The fine-tuning benchmark's scenarios: `vit_500`
+    (496, 0.0), `vit_100` (100, 0.0), `vit_500_noisy` (496, 0.2)."""
+    x, labels = digits_by_class(size)
+    test, validation, pool = split_target(labels, target_classes, n_test, n_validation)
+    train = examples(x, labels, draw(pool, n_train, seed), target_classes)
+    if label_noise:
+        train = flip_labels(train, label_noise, len(target_classes), seed)
+    return TransferTask(
+        source=examples(x, labels, class_indices(labels, source_classes), source_classes),
+        train=train,
+        validation=examples(x, labels, validation, target_classes),
+        test=examples(x, labels, test, target_classes),
+    )
 
 
 def digits_model(arch: str, num_labels: int):
