@@ -84,7 +84,11 @@ def gam_settings(args: Any) -> dict[str, str]:
 def named_setting(args: Any) -> str | None:
     """The ready setting the run used, as the card names it: `GAMConfig()`'s defaults when every `gam_*` value is its
     default, else the `hf_gam.*_GAM` setting whose values on top of the defaults are exactly the run's; `None` for any
-    other setting (its values are in the card's table all the same)."""
+    other setting (its values are in the card's table all the same).
+
+    `FINETUNE_GAM` and `RELEASED_GAM` hold the defaults' values, so a run that named either one cannot be told from
+    a run of the defaults: the card says "the defaults" and names both, and claims no purpose (an SGD run with
+    `RELEASED_GAM` is not "for fine-tuning")."""
     from dataclasses import fields as dataclass_fields
 
     from .config import CHEAP_GAM, FINETUNE_GAM, PRETRAIN_GAM, RELEASED_GAM, GAMConfig
@@ -92,11 +96,12 @@ def named_setting(args: Any) -> str | None:
     defaults = {f.name: f.default for f in dataclass_fields(GAMConfig) if f.name.startswith("gam_")}
     run = {name: getattr(args, name, None) for name in defaults}
     if run == defaults:
-        return "the defaults of `GAMConfig`, for fine-tuning (`hf_gam.FINETUNE_GAM`)"
+        same = [name for name, setting in (("FINETUNE_GAM", FINETUNE_GAM), ("RELEASED_GAM", RELEASED_GAM))
+                if {**defaults, **setting} == defaults]
+        return "the defaults of `GAMConfig`" + (
+            f" (the values of {' and '.join(f'`hf_gam.{name}`' for name in same)} too)" if same else "")
     for name, setting, purpose in (("PRETRAIN_GAM", PRETRAIN_GAM, "for training from scratch"),
-                                   ("CHEAP_GAM", CHEAP_GAM, "for fine-tuning at less compute"),
-                                   ("FINETUNE_GAM", FINETUNE_GAM, "for fine-tuning"),
-                                   ("RELEASED_GAM", RELEASED_GAM, "the released values")):
+                                   ("CHEAP_GAM", CHEAP_GAM, "for fine-tuning at less compute")):
         if run == {**defaults, **setting}:
             return f"`hf_gam.{name}` ({purpose})"
     return None

@@ -133,7 +133,11 @@ def test_section_names_the_ready_setting_used(tmp_path, setting, name):
     assert f"GAM setting: {name};" in card
     assert all(read_gam_section(card)[key] == str(value) for key, value in values.items())
     defaults = render_gam_section(GAMConfig(output_dir=str(tmp_path), use_cpu=True))
-    assert "GAM setting: the defaults of `GAMConfig`, for fine-tuning (`hf_gam.FINETUNE_GAM`);" in defaults
+    assert ("GAM setting: the defaults of `GAMConfig` (the values of `hf_gam.FINETUNE_GAM` and `hf_gam.RELEASED_GAM` "
+            "too);") in defaults
+    # FINETUNE_GAM and RELEASED_GAM equal the defaults: an SGD run with the released values is not "for fine-tuning".
+    released = render_gam_section(GAMConfig(output_dir=str(tmp_path), use_cpu=True, optim="sgd", **hf_gam.RELEASED_GAM))
+    assert "for fine-tuning" not in released and "the defaults of `GAMConfig`" in released
     # A setting with a value of its own is no ready setting (its values are in the table).
     changed = render_gam_section(GAMConfig(output_dir=str(tmp_path), use_cpu=True, gam_sync="global", **values))
     assert "GAM setting" not in changed
