@@ -8,10 +8,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
-# torch and torchvision pinned to the builds this project is tested with.
+# Every package at the version in constraints.txt: the versions the suite and README's demo output were run with.
 install: $(BIN)/python
-	$(BIN)/pip install "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install -e ".[tests]"
+	$(BIN)/pip install -c constraints.txt -e ".[tests]"
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python recipes/quickstart.py
