@@ -1,4 +1,5 @@
-"""Accuracy of a model after compression: low-bit weights, int8 dynamic quantization, pruning and weight noise.
+"""Accuracy of a model after compression: low-bit weights, pruning, weight noise, and the integer formats and
+smaller MLPs a user deploys (written as smaller models by `export`).
 
 Flat minima are meant to buy something a user can deploy: a model that keeps its accuracy when its weights are
 rounded, pruned or perturbed. This module measures that. Every compression runs on a deep copy of the model, so the
@@ -9,9 +10,11 @@ Compressions (`Compression`, named by `Compression.parse`):
   to B bits, one scale and one integer zero point per output channel (asymmetric min-max over the channel, with 0
   inside the range): `q = clamp(round(w / s) + z, 0, 2^B - 1)`, `w' = s (q - z)`, `s = (max - min) / (2^B - 1)`,
   `z = round(-min / s)`. Biases and normalization layers stay in floating point.
-* `int8_dynamic` (`int8_dynamic`): `torch.ao.quantization.quantize_dynamic` with `qint8` on every `nn.Linear`, the
-  CPU deployment path of PyTorch (int8 weights, activations quantized on the fly). It runs on the CPU; convolutions
-  stay in floating point (dynamic quantization has no convolution kernel).
+* `int8`, `int8_dynamic`, `int4` (same names): torchao's int8 weight-only, int8 weights with activations quantized
+  on the fly, and 4-bit weight-only (groups of 32) on every `nn.Linear` (`deploy.py`; torchao is the `deploy`
+  extra). Convolutions stay in floating point.
+* `mlp:F` (`mlp_F`): the fraction F of the MLP neurons of every layer of a ViT-style model removed, a smaller model
+  (`deploy.shrink_mlp`); `mlp:F+OTHER` (`mlp_F+OTHER`) then applies another compression.
 * `prune:F` (`pruned_P`, P = 100 F): global magnitude pruning with `torch.nn.utils.prune.global_unstructured`: the
   fraction F of all `nn.Linear` and `nn.Conv*d` weights with the smallest magnitude, counted over all of them
   together, set to zero.
@@ -21,6 +24,7 @@ Compressions (`Compression`, named by `Compression.parse`):
 `compression_report(model, batches)` returns `{"baseline": accuracy, name: accuracy after compression, ...}`;
 `CompressionCallback` logs it as `compression/*` at the end of training or at every evaluation, on a bounded
 number of evaluation examples; `python -m hf_gam.compression CHECKPOINT` measures a saved checkpoint.
+`DEFAULT_COMPRESSIONS` are the ones that need only torch; `DEPLOYABLE_COMPRESSIONS` the formats `export` writes.
 """
 
 from __future__ import annotations

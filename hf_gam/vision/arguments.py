@@ -109,8 +109,8 @@ class DataTrainingArguments:
     compression_eval_samples: int = field(
         default=1000,
         metadata={
-            "help": "After training, the model card's table 'Accuracy after compression' (pruning, low-bit and int8 "
-            "weights, weight noise; `hf_gam.compression`) is measured on this many examples of the test split (of "
+            "help": "After training, the model card's table 'Accuracy after compression' (pruning, low-bit weights, "
+            "weight noise; `hf_gam.compression`; and the variants of `--export_compressed`) is measured on this many examples of the test split (of "
             "the validation split when there is no test split). 0 skips it."
         },
     )

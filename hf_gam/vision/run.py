@@ -355,7 +355,7 @@ def run_image_classification(
     if splits.test is not None and training_args.do_predict:
         metrics.update(evaluate_test_split(trainer, splits.test, data))
 
-    # After training: accuracy after pruning, low-bit and int8 weights and weight noise (each on a copy).
+    # After training: accuracy after pruning, low-bit weights and weight noise (each on a copy).
     metrics.update(measure_compression(trainer, splits, data, data_args.compression_eval_samples))
     # Smaller models to deploy (`--export_compressed`), inside the output folder: the push uploads them with the rest.
     export_compressed(trainer, splits, data, data_args)
