@@ -250,3 +250,25 @@ def test_the_command_line_exports_a_saved_checkpoint(tmp_path):
                              capture_output=True, text=True, cwd=REPO)
     assert refused.returncode != 0 and "store nothing smaller" in refused.stderr
     assert not os.path.exists(tmp_path / "none")
+
+
+def test_a_sharded_model_is_refused_before_anything_is_written(tmp_path):
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        model = small_vit()
+        for layer in model.vit.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        with pytest.raises(NotImplementedError, match="unsharded"):
+            export(model, "int8", str(tmp_path / "variant"), log=lambda _: None)
+    finally:
+        dist.destroy_process_group()
+    assert os.listdir(tmp_path) == []
