@@ -142,18 +142,20 @@ def test_sweep_choice_uses_validation_not_test():
 
 
 def test_finetune_quick_counts_passes_measures_compression_and_remakes_tables(tmp_path, capsys):
-    path = tmp_path / "ft.json"
-    finetune.main(["--quick", "--scenarios", "vit_100", "--arms", "gam,sam_0.05,r3,pretrain_gam", "--json", str(path)])
+    path, models = tmp_path / "ft.json", tmp_path / "models"
+    finetune.main(["--quick", "--scenarios", "vit_100", "--arms", "gam,sam_0.05,r3,pretrain_gam,sam_0.05@1x",
+                   "--save_models", str(models), "--json", str(path)])
     out = capsys.readouterr().out
     runs = json.loads(path.read_text())["runs"]
     rows = {r["arm"]: r for r in runs}
-    assert sorted(rows) == ["adamw", "gam", "pretrain_gam", "r3", "sam_0.05"]
+    assert sorted(rows) == ["adamw", "gam", "pretrain_gam", "r3", "sam_0.05", "sam_0.05@1x"]
     ratios = {a: r["examples"] / rows["adamw"]["examples"] for a, r in rows.items()}
     # 100 images, batch 32, 2 epochs: 8 steps of 32, 32, 32, 4, 32, 32, 32, 4 images. Reuse 3: full steps 0, 3, 6
     # (4 passes), one pass on the others. PRETRAIN_GAM: stock steps 0-5 (the first 75%), GAM at steps 6 and 7.
+    # SAM at AdamW's compute: 1 epoch of 2 passes.
     sizes = [32, 32, 32, 4] * 2
     assert ratios == pytest.approx({
-        "adamw": 1.0, "gam": 4.0, "sam_0.05": 2.0,
+        "adamw": 1.0, "gam": 4.0, "sam_0.05": 2.0, "sam_0.05@1x": 1.0,
         "r3": sum(n * (4 if i % 3 == 0 else 1) for i, n in enumerate(sizes)) / 200,
         "pretrain_gam": sum(n * (4 if i >= 6 else 1) for i, n in enumerate(sizes)) / 200})
     for r in runs:
@@ -161,9 +163,79 @@ def test_finetune_quick_counts_passes_measures_compression_and_remakes_tables(tm
                                          "noise_0.1"}
         assert all(0.0 <= v <= 1.0 for v in [r["test"], r["val"], r["train"], *r["compression"].values()])
     assert "### vit_100" in out and "Bars over vit_100" in out
+    # At AdamW's budget, SAM at 1 epoch is compared with AdamW; at 2x, SAM and r3 with AdamW at 2x, absent here.
+    assert "### vit_100: equal compute" in out and "| 1x | sam* (`sam_0.05@1x`) | 1 | 1.00 |" in out
     capsys.readouterr()
     finetune.main(["--tables", str(path)])
     assert capsys.readouterr().out.strip() == out.split("\nTotal wall time")[0].strip()
+
+    # The saved models are the fine-tuned ones: measured again without training, they give the saved accuracy.
+    saved = {r["arm"]: r for r in finetune.saved_runs(str(models))}
+    assert sorted(saved) == sorted(rows) and saved["gam"]["test"] == rows["gam"]["test"]
+    measured_path = tmp_path / "formats.json"
+    finetune.main(["--quick", "--measure", str(models), "--arms", "adamw,gam", "--formats", "int8,mlp:0.5",
+                   "--json", str(measured_path)])
+    out = capsys.readouterr().out
+    measured = json.loads(measured_path.read_text())
+    assert sorted(r["arm"] for r in measured["runs"]) == ["adamw", "gam"]
+    for r in measured["runs"]:
+        assert {"int8", "mlp_0.5", "mlp_0.5_rec", "pruned_90"} <= set(r["compression"])
+        assert all(0.0 <= r["compression"][k] <= 1.0 for k in ("int8", "mlp_0.5", "mlp_0.5_rec"))
+        assert r["examples"] == rows[r["arm"]]["examples"]
+    sizes = measured["sizes"]["vit_100"]
+    assert sizes["int8"]["disk_mb"] < 0.5 * sizes["float"]["disk_mb"]
+    assert sizes["mlp_0.5"]["parameters"] < sizes["float"]["parameters"]
+    assert "### vit_100: deployable formats" in out and "| mlp_0.5 + recovery |" in out
+
+
+def test_finetune_refuses_an_arm_twice_and_has_no_duplicate_builtin_arm():
+    from hf_gam import CHEAP_GAM
+
+    arms, _ = finetune.builtin_arms()
+    assert not finetune.duplicate_arms(arms)
+    assert "cheap_gam" not in arms and arms["r3"] == dict(CHEAP_GAM)
+    assert finetune.duplicate_arms({"a": {"gam_interval": 2}, "b": {"gam_interval": 2, "epochs_x": 1},
+                                    "c": {"gam_interval": 2, "epochs_x": 2}}) == [("a", "b")]
+    assert arms["gam@1x"]["epochs_x"] == 0.25 and arms["sam_0.1@1x"]["epochs_x"] == 0.5
+    assert arms["adamw_2x"] == {"gam_method": "none", "epochs_x": 2} and "gam@4x" not in arms
+    with pytest.raises(SystemExit):
+        finetune.main(["--quick", "--arms", "r3", "--arm", "twin=gam_reuse_interval=3"])
+
+
+def test_finetune_equal_compute_groups_by_passes_and_the_cheap_bar():
+    """Two development scenarios and a held-out one, two seeds. At 1x: AdamW, SAM at 20 epochs (two radii), GAM at
+    10; at 2x: AdamW 2x, SAM at 40 epochs, r3 and r4 (1.7 passes: no budget)."""
+    def row(scenario, seed, arm, examples, val, test, pruned):
+        return dict(scenario=scenario, seed=seed, arm=arm, val=val, test=test, train=1.0, eig=1.0,
+                    examples=examples, compression={"pruned_90": pruned})
+
+    runs = []
+    for scenario in ("s1", "s2", "h"):
+        for seed in (0, 1):
+            runs += [row(scenario, seed, "adamw", 100, 0.8, 0.90, 0.50), row(scenario, seed, "adamw_2x", 200, 0.8, 0.91, 0.40),
+                     row(scenario, seed, "sam_0.05@1x", 100, 0.9, 0.92, 0.60),
+                     row(scenario, seed, "sam_0.1@1x", 100, 0.7, 0.99, 0.99),
+                     row(scenario, seed, "gam@1x", 100, 0.8, 0.89, 0.70),
+                     row(scenario, seed, "sam_0.1", 200, 0.8, 0.93, 0.60),
+                     row(scenario, seed, "r3", 200, 0.8, 0.94 if scenario != "h" else 0.92, 0.70),
+                     row(scenario, seed, "r4", 170, 0.8, 0.95, 0.80)]
+    assert finetune.budget_of(runs, "s1", "r3") == 2 and finetune.budget_of(runs, "s1", "r4") is None
+    assert finetune.arms_at(runs, "s1", ["adamw", "sam_0.05@1x", "sam_0.1@1x", "gam@1x", "r3"], 1) == {
+        "adamw": "adamw", "gam": "gam@1x", "sam*": "sam_0.05@1x"}  # SAM* chosen on validation, not on test
+    arms = ["adamw", "adamw_2x", "sam_0.05@1x", "sam_0.1@1x", "gam@1x", "sam_0.1", "r3", "r4"]
+    result = {"settings": {"scenarios": ["s1", "s2", "h"], "epochs": 40}, "arms": {a: {} for a in arms}, "runs": runs}
+    lines = finetune.equal_compute_summary(result, ["s1", "s2"], "Development")
+    assert "| 1x | gam | -0.010 [-0.010, -0.010] | -0.010, -0.010 | +0.200 [+0.200, +0.200] | +0.200, +0.200 | " \
+        "-0.030 [-0.030, -0.030] | +0.100 [+0.100, +0.100] |" in lines
+    assert not any("| r4 |" in line for line in lines)
+    curves = finetune.compute_curves(result, ["s1", "s2"])
+    assert curves["adamw"] == [(1.0, 0.90, 0.50), (2.0, 0.91, 0.40)] and curves["sam*"][1] == (2.0, 0.93, 0.60)
+    # r3 beats SAM* (sam_0.1 at 40 epochs) in both development scenarios but not on the held-out one's accuracy;
+    # r4 beats it everywhere at 1.7 passes: the cheapest that meets the bar.
+    answer = finetune.cheap_answer(result, ["s1", "s2"], ["h"])
+    assert any(line.startswith("- r3 (2.00 passes)") and line.endswith("-> does not") for line in answer)
+    assert any(line.startswith("- r4 (1.70 passes)") and line.endswith("-> meets the bar") for line in answer)
+    assert answer[-1] == "- cheapest that meets the bar: r4 (1.70 passes)"
 
 
 def test_digits_transfer_splits_draws_and_flipped_labels():
