@@ -581,7 +581,7 @@ def markdown(result: dict) -> str:
     for scenario in scenarios:
         lines += format_table(result, scenario)
     for title, group in (("Development", development), ("Held out", held_out), ("Deployment scenario", deployment)):
-        lines += format_summary(result, group, title)
+        lines += format_summary(result, group, title) + format_summary(result, group, title, loss=True)
     return "\n".join(lines)
 
 
@@ -828,9 +828,10 @@ def format_table(result: dict, scenario: str) -> list[str]:
     return lines
 
 
-def format_summary(result: dict, scenarios: list[str], title: str) -> list[str]:
+def format_summary(result: dict, scenarios: list[str], title: str, loss: bool = False) -> list[str]:
     """Per format: the paired differences of each arm to AdamW, and of the defaults and the cheap setting to SAM*,
-    pooled over the scenarios' seeds (n = scenarios x seeds) for the mean and its 95% t-interval."""
+    pooled over the scenarios' seeds (n = scenarios x seeds) for the mean and its 95% t-interval; with `loss`, of
+    the accuracy the format costs (test accuracy minus accuracy in the format; negative: the arm loses less)."""
     runs = result["runs"]
     scenarios = [sc for sc in scenarios if rows_of(runs, sc, "adamw")]
     keys = [(k, t) for k, t in format_keys(result) if all(_present(runs, sc, k) for sc in scenarios)]
@@ -839,17 +840,23 @@ def format_summary(result: dict, scenarios: list[str], title: str) -> list[str]:
     per = {sc: _deploy_arms(runs, sc) for sc in scenarios}
     labels = [label for label in DEPLOY_ARMS if all(label in per[sc] for sc in scenarios) and label != "adamw"]
     against_sam = [label for label in ("gam", "r3", "cheap_gam", "gam@1x", "r3@1x") if label in labels and "sam*" in labels]
-    lines = ["", f"### {title}, deployable formats: {', '.join(scenarios)}", "",
-             "Paired differences pooled over the scenarios' seeds, mean and 95% t-interval.", "",
+    what = "accuracy lost to each format (test accuracy minus accuracy in the format)" if loss else "test accuracy"
+    lines = ["", f"### {title}, deployable formats{', loss' if loss else ''}: {', '.join(scenarios)}", "",
+             f"Paired differences of the {what}, pooled over the scenarios' seeds: mean and 95% t-interval.", "",
              "| format | AdamW | " + " | ".join([f"{label} − AdamW" for label in labels]
                                                 + [f"{label} − SAM*" for label in against_sam]) + " |",
              "|---|---|" + "---|" * (len(labels) + len(against_sam))]
-    for key, title_ in [("test", "none (test acc.)")] + keys:
-        adamw = statistics.mean(_value(r, key) for sc in scenarios for r in rows_of(runs, sc, "adamw"))
+    def value(row, key):
+        return row["test"] - _value(row, key) if loss else _value(row, key)
+
+    for key, title_ in ([] if loss else [("test", "none (test acc.)")]) + keys:
+        adamw = statistics.mean(value(r, key) for sc in scenarios for r in rows_of(runs, sc, "adamw"))
         cells = []
         for reference, group in (("adamw", labels), ("sam*", against_sam)):
             for label in group:
-                pooled = [d for sc in scenarios for d in _diff(runs, sc, per[sc][label], per[sc][reference], key)]
+                pooled = [d for sc in scenarios for d in paired(rows_of(runs, sc, per[sc][label]),
+                                                                rows_of(runs, sc, per[sc][reference]),
+                                                                lambda r, a, k=key: value(r, k) - value(a, k))]
                 cells.append(_ci(pooled))
         lines.append(f"| {title_} | {adamw:.3f} | " + " | ".join(cells) + " |")
     return lines
@@ -918,8 +925,9 @@ def plot_compute(result: dict, path: str) -> None:
 
 
 def plot_formats(result: dict, path: str) -> None:
-    """Test accuracy against size on disk, one line per optimizer through its formats (dashed: after the recovery
-    fine-tune), per scenario with sizes."""
+    """Test accuracy against weights on disk, per scenario with sizes and per optimizer: a line through the float
+    model and the smaller MLPs (`mlp:F`; dashed: after the recovery fine-tune), a marker for each integer format
+    (int8 o, int4 ^, mlp:0.5+int8 s; hollow: after recovery)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -927,30 +935,47 @@ def plot_formats(result: dict, path: str) -> None:
 
     runs = result["runs"]
     scenarios = [sc for sc in result["settings"]["scenarios"] if result.get("sizes", {}).get(sc)]
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 4.2), squeeze=False)
-    for col, scenario in enumerate(scenarios):
-        sizes, ax = result["sizes"][scenario], axes[0][col]
+    columns = min(3, len(scenarios))
+    rows = math.ceil(len(scenarios) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.2 * rows), squeeze=False)
+    markers = {"int8": "o", "int4": "^"}
+    for index, scenario in enumerate(scenarios):
+        sizes, ax = result["sizes"][scenario], axes[index // columns][index % columns]
         keys = [k for k, _ in format_keys(result) if _present(runs, scenario, k)]
+
+        def mean(arm, key):
+            return statistics.mean(_value(r, key) for r in rows_of(runs, scenario, arm))
+
         for i, (label, arm) in enumerate(_deploy_arms(runs, scenario).items()):
             if label not in ("adamw", "adamw_2x", "sam*", "gam", "r3", "cheap_gam"):
                 continue
             name, color = PLOT_METHODS.get(label, (label, f"C{i + 3}"))
             for dashed in (False, True):
-                chosen = [k for k in keys if k.endswith("_rec") == dashed]
-                points = ([] if dashed else [("float", "test")]) + [(k.removesuffix("_rec"), k) for k in chosen]
-                points = sorted((sizes[s]["disk_mb"], statistics.mean(_value(r, k) for r in rows_of(runs, scenario, arm)))
-                                for s, k in points if s in sizes)
-                ax.plot([p[0] for p in points], [p[1] for p in points], "--o" if dashed else "-o", color=color,
-                        ms=3, label=None if dashed else name)
+                family = [k for k in keys if k.startswith("mlp_") and "+" not in k and k.endswith("_rec") == dashed]
+                points = sorted([(sizes["float"]["disk_mb"], mean(arm, "test"))] +
+                                [(sizes[k.removesuffix("_rec")]["disk_mb"], mean(arm, k)) for k in family
+                                 if k.removesuffix("_rec") in sizes])
+                ax.plot([p[0] for p in points], [p[1] for p in points], "--" if dashed else "-", color=color,
+                        marker=".", label=None if dashed else name)
+            for key in keys:
+                base = key.removesuffix("_rec")
+                if (key.startswith("mlp_") and "+" not in key) or base not in sizes:
+                    continue
+                marker = markers.get(base, "s")
+                ax.plot([sizes[base]["disk_mb"]], [mean(arm, key)], marker, color=color, ms=5,
+                        fillstyle="none" if key.endswith("_rec") else "full")
         ax.set_xscale("log")
         ax.set_title(scenario, fontsize=9)
-        ax.set_xlabel("size on disk (MB); dashed: after recovery")
+        ax.set_xlabel("weights on disk (MB)")
+    for index in range(len(scenarios), rows * columns):
+        axes[index // columns][index % columns].axis("off")
     axes[0][0].set_ylabel("test accuracy (mean over seeds)")
     axes[0][0].legend(fontsize=7)
+    fig.suptitle("lines: float and mlp:F (dashed: after recovery); markers: int8 o, int4 ^, mlp:0.5+int8 s "
+                 "(hollow: after recovery)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
