@@ -1,8 +1,8 @@
 """GAM's update (accelerated GAM, Algorithm 2 of Zhang et al., CVPR 2023) over lists of tensors.
 
-Nothing here knows about `transformers`: `GAMStep.run` receives a `forward_backward(pass_index)` callable
-that leaves the gradient of one pass in `p.grad`, and it leaves the GAM direction `d` in `p.grad` with the
-parameters back at theta, bit for bit. In the symbols of the paper:
+Nothing here knows about `transformers`: `GAMStep.run` receives the micro-batch's `StepInputs`, whose
+`forward_backward(pass_index)` callable leaves the gradient of one pass in `p.grad`, and it leaves the GAM direction
+`d` in `p.grad` with the parameters back at theta, bit for bit. In the symbols of the paper:
 
     g0 = grad L(theta)
     g1 = grad L(theta + rho' g0 / ||g0||)                  h0 = g1 - g0
@@ -18,6 +18,7 @@ The parameters themselves serve as scratch space for h0 while they do not hold t
 """
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -80,6 +81,30 @@ class GAMStats:
     passes: int = 0  # forward/backward passes run
 
 
+@dataclass(frozen=True)
+class StepInputs:
+    """What `GAMStep.run` needs for one micro-batch, besides the parameters the step was built for.
+
+    `forward_backward(pass_index)` runs one forward and backward pass on the micro-batch, leaves its gradient in
+    `p.grad` and returns the loss; it must not synchronise gradients across data-parallel ranks itself (run it under
+    DDP's `no_sync`). `hp` holds the radii of this step (any schedule already applied by the caller).
+    """
+
+    forward_backward: Callable[[int], Tensor]
+    hp: GAMHyperParams = GAMHyperParams()
+    norm_modules: Sequence[nn.Module] = ()  # BatchNorm-type layers: only pass 1 moves their running statistics
+    same_rng: bool = True  # passes 2-4 get the random state pass 1 started with (same dropout masks)
+    reduce: Optional[ReduceFn] = None  # sums partial scalars over the shards of a sharded (FSDP) model
+    data_parallel: Optional[DataParallel] = None  # the DDP semantics; None in one process and under FSDP
+    # What a non-finite gradient in any pass does. "mark": a loss scaler will skip the step, so a non-finite value is
+    # left in the gradient (no host synchronisation). "drop": nothing would skip the step, so the micro-batch
+    # contributes nothing (its gradients are dropped).
+    nonfinite: str = "mark"
+    # Like `forward_backward`, on a part of the micro-batch: GAM's passes run on that part and one pass on the whole
+    # micro-batch applies their correction (see `GAMStep._sub_batch_passes`).
+    sub_forward_backward: Optional[Callable[[int], Tensor]] = None
+
+
 def local_tensor(t: Tensor) -> Tensor:
     """The part of `t` stored on this process: the local shard of a DTensor, `t` itself otherwise."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -90,6 +115,7 @@ BUCKET_BYTES = 25 * 2**20  # the bucket size DDP uses by default
 
 def all_reduce_mean_(
     tensors: Sequence[Tensor],
+    *,
     group: Optional[object] = None,
     scratch: Optional[dict[tuple, Tensor]] = None,
     bucket_bytes: int = BUCKET_BYTES,
@@ -158,7 +184,7 @@ def _accumulation_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _total(parts: list[Tensor], reduce: Optional[ReduceFn]) -> Tensor:
+def _total(parts: list[Tensor], *, reduce: Optional[ReduceFn]) -> Tensor:
     """The sum of 0-dim `parts` (moved to the first one's device), then summed over shards/ranks by `reduce`."""
     if not parts:
         return torch.zeros((), dtype=torch.float64)
@@ -167,17 +193,17 @@ def _total(parts: list[Tensor], reduce: Optional[ReduceFn]) -> Tensor:
     return reduce(total) if reduce is not None else total
 
 
-def sum_of_squares(tensors: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> Tensor:
+def sum_of_squares(tensors: Sequence[Tensor], *, reduce: Optional[ReduceFn] = None) -> Tensor:
     """sum_i ||t_i||^2, accumulated in float64, then summed by `reduce` (a 0-dim device tensor)."""
     if len(tensors) == 0:
-        return _total([], reduce)
+        return _total([], reduce=reduce)
     norms = torch._foreach_norm(tensors, 2, dtype=_accumulation_dtype(tensors[0].device))
-    return _total([n.square() for n in norms], reduce)
+    return _total([n.square() for n in norms], reduce=reduce)
 
 
-def global_norm(tensors: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> Tensor:
+def global_norm(tensors: Sequence[Tensor], *, reduce: Optional[ReduceFn] = None) -> Tensor:
     """The L2 norm of the concatenation of `tensors` (over all shards when `reduce` is given), a 0-dim tensor."""
-    return sum_of_squares(tensors, reduce).sqrt()
+    return sum_of_squares(tensors, reduce=reduce).sqrt()
 
 
 CHUNK = 2**20  # elements converted to float64 at a time by `global_dot` and `weighted_norm`
@@ -192,22 +218,23 @@ def _chunk_pairs(a: Sequence[Tensor], b: Sequence[Tensor]) -> Iterator[tuple[Ten
             yield x[start : start + CHUNK], y[start : start + CHUNK]
 
 
-def global_dot(a: Sequence[Tensor], b: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> Tensor:
+def global_dot(a: Sequence[Tensor], b: Sequence[Tensor], *, reduce: Optional[ReduceFn] = None) -> Tensor:
     """<a, b> over all the tensors (and shards), multiplied and accumulated in float64, a chunk at a time."""
     parts = []
     for x, y in _chunk_pairs(a, b):
         dtype = _accumulation_dtype(x.device)
         parts.append(torch.dot(x.to(dtype), y.to(dtype)))
-    return _total(parts, reduce)
+    return _total(parts, reduce=reduce)
 
 
-def weighted_norm(direction: Sequence[Tensor], weights: Sequence[Tensor], reduce: Optional[ReduceFn] = None) -> Tensor:
+def weighted_norm(direction: Sequence[Tensor], weights: Sequence[Tensor], *,
+                  reduce: Optional[ReduceFn] = None) -> Tensor:
     """|| direction * |weights| ||, in float64, a chunk at a time (no parameter-sized temporary)."""
     parts = []
     for d, w in _chunk_pairs(direction, weights):
         dtype = _accumulation_dtype(d.device)
         parts.append((d.to(dtype) * w.to(dtype).abs()).square().sum())
-    return _total(parts, reduce).sqrt()
+    return _total(parts, reduce=reduce).sqrt()
 
 
 def _by_device(*lists: Sequence[Tensor]) -> dict[torch.device, tuple[list[Tensor], ...]]:
@@ -220,13 +247,13 @@ def _by_device(*lists: Sequence[Tensor]) -> dict[torch.device, tuple[list[Tensor
     return groups
 
 
-def scale_(tensors: Sequence[Tensor], factor: Tensor) -> None:
+def scale_(tensors: Sequence[Tensor], *, factor: Tensor) -> None:
     """tensors *= factor, in place, with `factor` a 0-dim tensor (no host synchronisation)."""
     for device, (group,) in _by_device(tensors).items():
         torch._foreach_mul_(group, factor.to(device=device, dtype=group[0].dtype))
 
 
-def add_scaled_(tensors: Sequence[Tensor], others: Sequence[Tensor], factor: Tensor) -> None:
+def add_scaled_(tensors: Sequence[Tensor], others: Sequence[Tensor], *, factor: Tensor) -> None:
     """tensors += factor * others, in place, with `factor` a 0-dim tensor (broadcast views of it: no temporary)."""
     for device, (ts, os_) in _by_device(tensors, others).items():
         scalar = factor.to(device=device, dtype=ts[0].dtype)
@@ -236,6 +263,7 @@ def add_scaled_(tensors: Sequence[Tensor], others: Sequence[Tensor], factor: Ten
 def ascend_(
     params: list[Tensor],
     direction: list[Tensor],
+    *,
     radius: float,
     eps: float,
     adaptive: bool,
@@ -249,14 +277,14 @@ def ascend_(
     Adaptive: params += radius * direction * params^2 / (||direction * |params| || + eps).
     """
     if not adaptive:
-        norm = global_norm(direction, reduce) if norm is None else norm
-        scale_(direction, radius / (norm + eps))
+        norm = global_norm(direction, reduce=reduce) if norm is None else norm
+        scale_(direction, factor=radius / (norm + eps))
         torch._foreach_add_(params, direction)
         return norm
-    norm = weighted_norm(direction, params, reduce)
+    norm = weighted_norm(direction, params, reduce=reduce)
     torch._foreach_mul_(direction, params)
     torch._foreach_mul_(direction, params)
-    scale_(direction, radius / (norm + eps))
+    scale_(direction, factor=radius / (norm + eps))
     torch._foreach_add_(params, direction)
     return norm
 
@@ -264,6 +292,7 @@ def ascend_(
 def ascend_from_(
     params: list[Tensor],
     base: list[Tensor],
+    *,
     radius: float,
     eps: float,
     adaptive: bool,
@@ -271,32 +300,32 @@ def ascend_from_(
 ) -> Tensor:
     """`params` holds a direction h on entry; on exit it holds base + radius * h / (||h|| + eps)
     (adaptive: base + radius * h * base^2 / (||h * |base| || + eps)). Returns ||h|| (the plain norm)."""
-    norm = global_norm(params, reduce)
+    norm = global_norm(params, reduce=reduce)
     if not adaptive:
-        scale_(params, radius / (norm + eps))
+        scale_(params, factor=radius / (norm + eps))
         torch._foreach_add_(params, base)
         return norm
-    scale = radius / (weighted_norm(params, base, reduce) + eps)
+    scale = radius / (weighted_norm(params, base, reduce=reduce) + eps)
     torch._foreach_mul_(params, base)
     torch._foreach_mul_(params, base)
-    scale_(params, scale)
+    scale_(params, factor=scale)
     torch._foreach_add_(params, base)
     return norm
 
 
 def remove_orthogonal_part_(
-    h_plus: list[Tensor], h_minus: list[Tensor], gamma: float, eps: float, reduce: Optional[ReduceFn] = None
+    h_plus: list[Tensor], h_minus: list[Tensor], *, gamma: float, eps: float, reduce: Optional[ReduceFn] = None
 ) -> tuple[Tensor, Tensor]:
     """h_plus <- h+ - gamma * (h- - c h+), the part of h- orthogonal to h+ removed, in place.
 
     c = cos * ||h-|| / (||h+|| + eps) with cos = <h-, h+> / (||h+|| ||h-|| + eps), the form of the
     released code. Returns (cos, coefficient applied to h+), 0-dim tensors.
     """
-    norm_plus = global_norm(h_plus, reduce)
-    norm_minus = global_norm(h_minus, reduce)
-    cos = global_dot(h_minus, h_plus, reduce) / (norm_plus * norm_minus + eps)
+    norm_plus = global_norm(h_plus, reduce=reduce)
+    norm_minus = global_norm(h_minus, reduce=reduce)
+    cos = global_dot(h_minus, h_plus, reduce=reduce) / (norm_plus * norm_minus + eps)
     factor = 1.0 + gamma * (cos * norm_minus / (norm_plus + eps))
-    scale_(h_plus, factor)
+    scale_(h_plus, factor=factor)
     torch._foreach_add_(h_plus, h_minus, alpha=-gamma)
     return cos, factor
 
@@ -420,22 +449,12 @@ class GAMStep:
         """Elements held in work buffers, to compare with the number of trainable parameter elements."""
         return sum(t.numel() for flat in self._flat.values() for t in flat.values())
 
-    def run(
-        self,
-        forward_backward: Callable[[int], Tensor],
-        hp: GAMHyperParams,
-        grad_rho: Optional[float] = None,
-        grad_norm_rho: Optional[float] = None,
-        norm_modules: Sequence[nn.Module] = (),
-        same_rng: bool = True,
-        reduce: Optional[ReduceFn] = None,
-        data_parallel: Optional[DataParallel] = None,
-        nonfinite: str = "mark",
-        store_correction: bool = False,
-        reuse: bool = False,
-        sub_forward_backward: Optional[Callable[[int], Tensor]] = None,
-    ) -> GAMStats:
-        """Run the passes and leave d (plus the set-aside gradients) in `p.grad`.
+    def run(self, inputs: StepInputs, *, store_correction: bool = False, reuse: bool = False) -> GAMStats:
+        """Run the passes of one micro-batch and leave d (plus the set-aside gradients) in `p.grad`.
+
+        Which passes run: `reuse`, one pass that applies the stored correction (see `_reuse_pass`); else, when
+        `inputs.sub_forward_backward` is given, GAM's passes on that part of the micro-batch and one pass on all of
+        it (see `_sub_batch_passes`); else GAM's (or SAM's) passes on the micro-batch (see `_run_passes`).
 
         In DDP "local" mode the micro-batch that ends the optimizer step also averages the accumulated gradients
         over the ranks, once.
@@ -444,26 +463,13 @@ class GAMStep:
         in step (a rank that stopped early would leave the others waiting in any collective of the forward).
 
         Args:
-            forward_backward: runs one forward and backward pass on the micro-batch, returns the loss. It must not
-                synchronise gradients across data-parallel ranks itself (run it under DDP's `no_sync`).
-            hp: the hyper-parameters; `grad_rho`/`grad_norm_rho` override its radii (for schedules).
-            norm_modules: BatchNorm-type layers; only pass 1 moves their running statistics.
-            same_rng: give passes 2-4 the random state pass 1 started with (same dropout masks).
-            reduce: sums partial scalars over the shards of a sharded (FSDP) model.
-            data_parallel: the DDP semantics (see `DataParallel`); None in one process and under FSDP.
-            nonfinite: what a non-finite gradient in any pass does. "mark": a loss scaler will skip the step, so
-                make sure a non-finite value is left in the gradient (no host synchronisation). "drop": nothing
-                would skip the step, so the micro-batch contributes nothing (its gradients are dropped).
-            store_correction: after a full GAM step, keep the part of d orthogonal to g0, divided by ||g0|| (one
-                more parameter-sized buffer), for later reuse steps.
+            inputs: the micro-batch's passes and the step's settings (see `StepInputs`).
+            store_correction: after a full step, keep the part of d orthogonal to g0, divided by ||g0|| (one more
+                parameter-sized buffer), for later reuse steps.
             reuse: one pass only: d = g0 + ||g0|| * the stored correction (requires `has_correction`).
-            sub_forward_backward: like `forward_backward`, on a part of the micro-batch. When given (and not
-                `reuse`), GAM's passes run on that part and store their correction (none of them moves running
-                statistics), then one pass on the whole micro-batch, from the random state the step started with,
-                applies it: d = g0 + ||g0|| * correction. 1 + 4 * (part / micro-batch) passes' worth of compute.
         """
-        if nonfinite not in ("mark", "drop"):
-            raise ValueError(f"nonfinite must be 'mark' or 'drop'; got {nonfinite!r}")
+        if inputs.nonfinite not in ("mark", "drop"):
+            raise ValueError(f"nonfinite must be 'mark' or 'drop'; got {inputs.nonfinite!r}")
         if reuse and not self.has_correction:
             raise RuntimeError("A reuse step needs a correction stored by an earlier full step.")
         params = self.params
@@ -474,15 +480,13 @@ class GAMStep:
         index: list[int] = []
         try:
             if reuse:
-                self._reuse_pass(forward_backward, stats, index, reduce, data_parallel)
-            elif sub_forward_backward is not None:
-                self._sub_batch_passes(forward_backward, sub_forward_backward, hp, grad_rho, grad_norm_rho,
-                                       norm_modules, same_rng, reduce, data_parallel, stats, index)
+                self._reuse_pass(inputs, stats=stats, index=index)
+            elif inputs.sub_forward_backward is not None:
+                self._sub_batch_passes(inputs, stats=stats, index=index)
             else:
-                self._run_passes(forward_backward, hp, grad_rho, grad_norm_rho, norm_modules, same_rng, reduce,
-                                 data_parallel, store_correction, stats, index)
+                self._run_passes(inputs, stats=stats, index=index, store_correction=store_correction)
             first = params[index[0]].grad
-            if nonfinite == "mark":
+            if inputs.nonfinite == "mark":
                 # A loss scaler skips the step only if it finds a non-finite gradient: make sure there is one
                 # (adds 0 where every pass was finite). Indexing works for any memory layout.
                 first = local_tensor(first)
@@ -501,12 +505,13 @@ class GAMStep:
                     p.grad = earlier
                 else:
                     p.grad.add_(earlier)
+        data_parallel = inputs.data_parallel
         if data_parallel is not None and data_parallel.mode == "local" and data_parallel.sync_now:
             stats.collectives += self.average_gradients(data_parallel.group)
         return stats
 
-    def _gradients(self, pass_index: int, index: list[int], stats: GAMStats, data_parallel,
-                   free_buffer: Optional[str]) -> list[Tensor]:
+    def _gradients(self, pass_index: int, *, index: list[int], stats: GAMStats,
+                   data_parallel: Optional[DataParallel], free_buffer: Optional[str]) -> list[Tensor]:
         """After a pass: the local gradients of the active parameters (`index`), averaged over ranks first in global
         mode (using the free work buffer as the bucket when there is one). Gradients of parameters outside `index`
         are dropped; an active parameter the pass did not reach gets zeros."""
@@ -525,66 +530,89 @@ class GAMStep:
         grads = [local_tensor(params[i].grad) for i in index]
         if data_parallel is not None and data_parallel.mode == "global":
             scratch = self._flat.get(free_buffer) if free_buffer is not None else None
-            stats.collectives += all_reduce_mean_(grads, data_parallel.group, scratch)
+            stats.collectives += all_reduce_mean_(grads, group=data_parallel.group, scratch=scratch)
         stats.passes += 1
         return grads
 
-    def _reuse_pass(self, forward_backward, stats: GAMStats, index: list[int], reduce, data_parallel) -> None:
-        """One pass: d = g0 + ||g0|| * stored correction (for the parameters the correction was stored for)."""
-        stats.loss = forward_backward(0)
-        g = self._gradients(0, index, stats, data_parallel, free_buffer="theta")
-        stats.grad_norm = global_norm(g, reduce)
+    def _reuse_pass(self, inputs: StepInputs, *, stats: GAMStats, index: list[int]) -> None:
+        """One pass on the micro-batch: d = g0 + ||g0|| * stored correction (for the parameters the correction was
+        stored for)."""
+        stats.loss = inputs.forward_backward(0)
+        g = self._gradients(0, index=index, stats=stats, data_parallel=inputs.data_parallel, free_buffer="theta")
+        stats.grad_norm = global_norm(g, reduce=inputs.reduce)
         stats.failed = ~torch.isfinite(stats.grad_norm)
         active = set(index)
         stored = [i for i in self._correction_index if i in active]
         grads = [local_tensor(self.params[i].grad) for i in stored]
-        add_scaled_(grads, self._buffer("correction", stored), stats.grad_norm)
+        add_scaled_(grads, self._buffer("correction", stored), factor=stats.grad_norm)
 
-    def _sub_batch_passes(self, forward_backward, sub_forward_backward, hp, grad_rho, grad_norm_rho, norm_modules,
-                          same_rng, reduce, data_parallel, stats: GAMStats, index: list[int]) -> None:
-        """GAM's passes on a part of the micro-batch (correction stored), then one pass on all of it that applies
-        the correction. The metrics of the passes on the part are kept (flatness, cos); loss and ||g0|| are the
-        whole micro-batch's."""
+    def _sub_batch_passes(self, inputs: StepInputs, *, stats: GAMStats, index: list[int]) -> None:
+        """GAM's passes on a part of the micro-batch (`inputs.sub_forward_backward`; correction stored, no pass moves
+        running statistics), then one pass on all of it, from the random state the step started with, that applies
+        the correction: d = g0 + ||g0|| * correction, 1 + 4 * (part / micro-batch) passes' worth of compute. The
+        metrics of the passes on the part are kept (flatness, cos); loss and ||g0|| are the whole micro-batch's."""
         rng_start = RandomState()
         part = GAMStats(loss=torch.tensor(math.nan))
-        self._run_passes(sub_forward_backward, hp, grad_rho, grad_norm_rho, norm_modules, same_rng, reduce,
-                         data_parallel, True, part, [], freeze_first=True)
+        on_part = dataclasses.replace(inputs, forward_backward=inputs.sub_forward_backward, sub_forward_backward=None)
+        self._run_passes(on_part, stats=part, index=[], store_correction=True, freeze_first=True)
         for p in self.params:
             p.grad = None
         rng_start.restore()  # the whole-batch pass draws what the stock step would
-        self._reuse_pass(forward_backward, stats, index, reduce, data_parallel)
+        self._reuse_pass(inputs, stats=stats, index=index)
         stats.flatness, stats.cos = part.flatness, part.cos
         stats.failed = stats.failed | part.failed
         stats.passes += part.passes
         stats.collectives += part.collectives
 
-    def _run_passes(self, forward_backward, hp, grad_rho, grad_norm_rho, norm_modules, same_rng, reduce,
-                    data_parallel, store_correction, stats: GAMStats, index: list[int],
+    def _run_passes(self, inputs: StepInputs, *, stats: GAMStats, index: list[int], store_correction: bool,
                     freeze_first: bool = False) -> None:
-        rho_prime = hp.grad_rho if grad_rho is None else grad_rho
-        rho = hp.grad_norm_rho if grad_norm_rho is None else grad_norm_rho
+        """GAM's four passes (SAM's two) on the micro-batch of `inputs.forward_backward`; d is left in `p.grad`.
+
+        In the notation of GAM_MATH.md, with rho' = `hp.grad_rho`, rho = `hp.grad_norm_rho`, xi = `hp.eps` and every
+        norm global over the active parameters (summed over shards by `inputs.reduce`):
+
+        - pass 1, at theta: g0. theta is saved into the "theta" buffer, g0 into "h_minus" (and into "correction"
+          when `store_correction`); theta1 = theta + rho' g0 / (||g0|| + xi).
+        - pass 2, at theta1: g1, the SAM gradient. The parameters serve as scratch for h0 = g1 - g0, the ascent
+          direction of the gradient norm, and ||h0|| / rho' is the flatness metric. For SAM, d = g1: stop here.
+          Otherwise theta2 = theta + rho h0 / (||h0|| + xi) and alpha g1 is kept in "g1_scaled" (with the "paper"
+          formula, h- starts as beta g0).
+        - pass 3, at theta2: g2. h- = g0 + (1 - beta) g2 ("released"; beta g0 + (1 - beta) g2 with "paper");
+          theta3 = theta2 + rho' g2 / (||g2|| + xi).
+        - pass 4, at theta3: g3. h+ = alpha g1 + (1 - alpha) g3 is built in `p.grad`, then
+          d = h+ - gamma (h- - c h+), c = cos * ||h-|| / (||h+|| + xi), cos = <h-, h+> / (||h+|| ||h-|| + xi).
+
+        With `hp.adaptive` every perturbation r v / (||v|| + xi) becomes r v base^2 / (||v |base| || + xi), base the
+        point it starts from. Pass 1 alone moves the running statistics of `inputs.norm_modules` (none does with
+        `freeze_first`); with `inputs.same_rng`, passes 2-4 start from the random state pass 1 started with, and the
+        state pass 1 left is restored at the end. The parameters are copied back from "theta" at the end, also
+        when a pass raises. `stats.failed` records whether any norm or coefficient was non-finite.
+        """
+        hp, reduce = inputs.hp, inputs.reduce
+        rho_prime, rho = hp.grad_rho, hp.grad_norm_rho
         params = self.params
-        rng_start = RandomState() if same_rng else None
+        rng_start = RandomState() if inputs.same_rng else None
         rng_after_first: Optional[RandomState] = None
         restore_from: Optional[list[Tensor]] = None
 
         def run_pass(pass_index: int, free_buffer: Optional[str]) -> list[Tensor]:
             nonlocal rng_after_first
             if pass_index == 0:
-                with frozen_norm_statistics(norm_modules if freeze_first else ()):
-                    stats.loss = forward_backward(0)
-                rng_after_first = RandomState() if same_rng else None
+                with frozen_norm_statistics(inputs.norm_modules if freeze_first else ()):
+                    stats.loss = inputs.forward_backward(0)
+                rng_after_first = RandomState() if inputs.same_rng else None
             else:
                 if rng_start is not None:
                     rng_start.restore()
-                with frozen_norm_statistics(norm_modules):
-                    forward_backward(pass_index)
-            return self._gradients(pass_index, index, stats, data_parallel, free_buffer)
+                with frozen_norm_statistics(inputs.norm_modules):
+                    inputs.forward_backward(pass_index)
+            return self._gradients(pass_index, index=index, stats=stats, data_parallel=inputs.data_parallel,
+                                   free_buffer=free_buffer)
 
         try:
             # Pass 1: g0 at theta. Save theta and g0 (into the h- buffer, and the correction buffer if asked).
             g = run_pass(0, free_buffer="h_minus")
-            stats.grad_norm = global_norm(g, reduce)
+            stats.grad_norm = global_norm(g, reduce=reduce)
             failed = ~torch.isfinite(stats.grad_norm)
             theta_params = [local_tensor(params[i].detach()) for i in index]
             theta = self._buffer("theta", index)
@@ -594,7 +622,8 @@ class GAMStep:
             torch._foreach_copy_(h_minus, g)
             if store_correction:
                 torch._foreach_copy_(self._buffer("correction", index), g)
-            ascend_(theta_params, g, rho_prime, hp.eps, hp.adaptive, reduce, norm=stats.grad_norm)  # theta1
+            ascend_(theta_params, g, radius=rho_prime, eps=hp.eps, adaptive=hp.adaptive, reduce=reduce,
+                    norm=stats.grad_norm)  # theta1
             self._release_grads(index, g)
 
             # Pass 2: g1 at theta1. The parameters become scratch for h0 = g1 - g0.
@@ -602,13 +631,15 @@ class GAMStep:
             torch._foreach_copy_(theta_params, g)
             torch._foreach_sub_(theta_params, h_minus)
             if hp.method == "sam":
-                h0_norm = global_norm(theta_params, reduce)
+                h0_norm = global_norm(theta_params, reduce=reduce)
                 stats.flatness = h0_norm / max(rho_prime, hp.eps)
                 stats.failed = failed | ~torch.isfinite(h0_norm)
                 if store_correction:
-                    self._store_correction(index, g, stats.grad_norm, hp.eps, reduce, stats.failed)
+                    self._store_correction(index, g, g0_norm=stats.grad_norm, eps=hp.eps, reduce=reduce,
+                                           failed=stats.failed)
                 return  # d = g1, already in p.grad
-            h0_norm = ascend_from_(theta_params, theta, rho, hp.eps, hp.adaptive, reduce)  # theta2
+            h0_norm = ascend_from_(theta_params, theta, radius=rho, eps=hp.eps, adaptive=hp.adaptive,
+                                   reduce=reduce)  # theta2
             stats.flatness = h0_norm / max(rho_prime, hp.eps)
             failed |= ~torch.isfinite(h0_norm)
             g1_scaled = self._buffer("g1_scaled", index)
@@ -621,24 +652,26 @@ class GAMStep:
             # Pass 3: g2 at theta2; h- gets (1 - beta) g2; theta3 = theta2 + rho' g2 / ||g2||.
             g = run_pass(2, free_buffer=None)
             torch._foreach_add_(h_minus, g, alpha=1.0 - hp.beta)
-            failed |= ~torch.isfinite(ascend_(theta_params, g, rho_prime, hp.eps, hp.adaptive, reduce))
+            g2_norm = ascend_(theta_params, g, radius=rho_prime, eps=hp.eps, adaptive=hp.adaptive, reduce=reduce)
+            failed |= ~torch.isfinite(g2_norm)
             self._release_grads(index, g)
 
             # Pass 4: g3 at theta3; h+ = alpha g1 + (1 - alpha) g3 is built in p.grad, then d.
             g = run_pass(3, free_buffer=None)
             torch._foreach_mul_(g, 1.0 - hp.alpha)
             torch._foreach_add_(g, g1_scaled)
-            stats.cos, factor = remove_orthogonal_part_(g, h_minus, hp.gamma, hp.eps, reduce)
+            stats.cos, factor = remove_orthogonal_part_(g, h_minus, gamma=hp.gamma, eps=hp.eps, reduce=reduce)
             stats.failed = failed | ~torch.isfinite(factor) | ~torch.isfinite(stats.cos)
             if store_correction:
-                self._store_correction(index, g, stats.grad_norm, hp.eps, reduce, stats.failed)
+                self._store_correction(index, g, g0_norm=stats.grad_norm, eps=hp.eps, reduce=reduce,
+                                       failed=stats.failed)
         finally:
             if restore_from is not None:
                 torch._foreach_copy_([local_tensor(params[i].detach()) for i in index], restore_from)
             if rng_after_first is not None:
                 rng_after_first.restore()
 
-    def _store_correction(self, index: list[int], d: list[Tensor], g0_norm: Tensor, eps: float,
+    def _store_correction(self, index: list[int], d: list[Tensor], *, g0_norm: Tensor, eps: float,
                           reduce: Optional[ReduceFn], failed: Tensor) -> None:
         """correction <- (d - <d, g0> / ||g0||^2 g0) / ||g0||, in place (the buffer holds g0 on entry).
 
@@ -646,10 +679,10 @@ class GAMStep:
         next full step are plain gradient steps rather than non-finite ones. Decided on the device: a rank does not
         learn that another failed, and every rank keeps running the same passes."""
         correction = self._buffer("correction", index)
-        coefficient = global_dot(d, correction, reduce) / (g0_norm.square() + eps)
-        scale_(correction, -coefficient)
+        coefficient = global_dot(d, correction, reduce=reduce) / (g0_norm.square() + eps)
+        scale_(correction, factor=-coefficient)
         torch._foreach_add_(correction, d)
-        scale_(correction, 1.0 / (g0_norm + eps))
+        scale_(correction, factor=1.0 / (g0_norm + eps))
         for flat in self._flat["correction"].values():
             flat.masked_fill_(failed.to(flat.device), 0.0)
         self._correction_index = list(index)
@@ -663,7 +696,7 @@ class GAMStep:
         missing = [p.grad is None for p in self.params]
         grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(local_tensor(p.detach()))
                  for p in self.params]
-        calls = all_reduce_mean_(grads, group, scratch=self._flat.get("h_minus"))
+        calls = all_reduce_mean_(grads, group=group, scratch=self._flat.get("h_minus"))
         for p, g, was_missing in zip(self.params, grads, missing):
             if was_missing and bool(g.any()):
                 p.grad = g

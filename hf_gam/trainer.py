@@ -36,13 +36,41 @@ from transformers.training_args import OptimizerNames
 from transformers.utils import is_sagemaker_mp_enabled, logging
 
 from .config import GAMConfig, gam_config_class, uses_finetuning_schedule, validate_gam_fields
-from .gam import DTensor, DataParallel, GAMHyperParams, GAMStats, GAMStep, norm_layers, sharded_sum
+from .gam import DTensor, DataParallel, GAMHyperParams, GAMStats, GAMStep, StepInputs, norm_layers, sharded_sum
 
 logger = logging.get_logger(__name__)
 
-# Device-side sums over the micro-batches between two logs: grad_norm, flatness, cos, skipped, and the number of
-# finite micro-batches that measured flatness and cos.
-_N_SUMS = 6
+@dataclasses.dataclass
+class GAMMetricSums:
+    """Sums over the micro-batches that ran GAM's passes since the last log, by name. Each is a 0-dim float64 tensor
+    on the device once a micro-batch has added to it (reading one would make the host wait), 0.0 before."""
+
+    micro_batches: Any = 0.0  # micro-batches recorded
+    skipped: Any = 0.0  # micro-batches with a non-finite pass
+    grad_norm: Any = 0.0  # ||g0|| (finite micro-batches only, in the units of the micro-batch's mean loss)
+    flatness: Any = 0.0  # ||g1 - g0|| / rho' (finite micro-batches that measured it)
+    measured_flatness: Any = 0.0  # finite micro-batches that measured flatness
+    cos: Any = 0.0  # cosine of h- and h+ (finite micro-batches that measured it)
+    measured_cos: Any = 0.0  # finite micro-batches that measured cos
+
+    def add(self, **values: torch.Tensor) -> None:
+        """Add one micro-batch's `values`, one for every field."""
+        names = {f.name for f in dataclasses.fields(self)}
+        if set(values) != names:
+            raise KeyError(f"GAMMetricSums.add needs exactly the fields {sorted(names)}; got {sorted(values)}.")
+        for name, value in values.items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def summed_over_ranks(self, reduce_sum) -> dict[str, float]:
+        """The sums as floats, each summed over the ranks by `reduce_sum(tensor) -> tensor` (None: this process
+        only): one collective for all of them, the fields packed in the order of their names."""
+        names = sorted(f.name for f in dataclasses.fields(self))
+        values = [getattr(self, name) for name in names]
+        device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        packed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+        if reduce_sum is not None:
+            packed = reduce_sum(packed)
+        return dict(zip(names, packed.cpu().tolist()))
 
 
 def as_gam_config(args: TrainingArguments) -> GAMConfig:
@@ -205,21 +233,19 @@ class GAMMixin:
 
             part = None if reuse else leading_part(inputs, self.args.gam_batch_fraction)
             grad_rho, grad_norm_rho = self._current_radii()
-            stats = step.run(
-                passes_on(inputs),
-                self.gam_hparams,
-                grad_rho=grad_rho,
-                grad_norm_rho=grad_norm_rho,
+            step_inputs = StepInputs(
+                forward_backward=passes_on(inputs),
+                hp=dataclasses.replace(self.gam_hparams, grad_rho=grad_rho, grad_norm_rho=grad_norm_rho),
                 norm_modules=self._gam_norm_layers,
                 same_rng=self.args.gam_same_rng,
                 reduce=reduce,
                 data_parallel=data_parallel,
                 # A loss scaler skips a step with a non-finite gradient; without one, nothing would.
                 nonfinite="mark" if self.accelerator.scaler is not None else "drop",
-                store_correction=self.args.gam_reuse_interval > 1 and not reuse,
-                reuse=reuse,
                 sub_forward_backward=None if part is None else passes_on(part, counted=False),
             )
+            stats = step.run(step_inputs, store_correction=self.args.gam_reuse_interval > 1 and not reuse,
+                             reuse=reuse)
             units = self._gam_units(inputs, num_items_in_batch)
             part_units = units if part is None else self._gam_units(part, num_items_in_batch)
             passes = stats.passes
@@ -340,8 +366,7 @@ class GAMMixin:
     # ---- metrics ----
 
     def _gam_reset_metrics(self) -> None:
-        self._gam_sums: Optional[torch.Tensor] = None
-        self._gam_count = 0
+        self._gam_sums = GAMMetricSums()
         self._gam_passes = 0
         self._gam_micro_batches = 0
 
@@ -357,43 +382,41 @@ class GAMMixin:
         def where_finite(value: Optional[torch.Tensor]) -> torch.Tensor:
             return zero if value is None else torch.where(failed, zero, value.to(zero.device, torch.float64))
 
-        row = torch.stack([
-            where_finite(stats.grad_norm * units),
-            where_finite(None if stats.flatness is None else stats.flatness * part_units),
-            where_finite(stats.cos),
-            failed.double(),
-            finite * float(stats.flatness is not None),
-            finite * float(stats.cos is not None),
-        ])
-        self._gam_sums = row if self._gam_sums is None else self._gam_sums + row
-        self._gam_count += 1
+        self._gam_sums.add(
+            micro_batches=torch.ones_like(zero),
+            skipped=failed.double(),
+            grad_norm=where_finite(stats.grad_norm * units),
+            flatness=where_finite(None if stats.flatness is None else stats.flatness * part_units),
+            measured_flatness=finite * float(stats.flatness is not None),
+            cos=where_finite(stats.cos),
+            measured_cos=finite * float(stats.cos is not None),
+        )
         self._gam_passes += passes
         self._gam_micro_batches += 1
         self._gam_radii = (grad_rho, grad_norm_rho)
 
     def _gam_logs(self) -> dict[str, float]:
         """The GAM metrics since the last log, averaged over micro-batches and ranks; resets them."""
-        sums = torch.zeros(_N_SUMS + 1, dtype=torch.float64)
-        if self._gam_sums is not None:
-            sums[:_N_SUMS] = self._gam_sums.cpu()
-            sums[-1] = self._gam_count
+        reduce_sum = None
         if self.args.world_size > 1:
-            sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum").cpu()
+            def reduce_sum(packed: torch.Tensor) -> torch.Tensor:
+                return self.accelerator.reduce(packed.to(self.args.device), reduction="sum")
+        sums = self._gam_sums.summed_over_ranks(reduce_sum)
         logs: dict[str, float] = {}
         if self._gam_micro_batches:
             logs["gam/passes"] = self._gam_passes / self._gam_micro_batches
         self._gam_reset_metrics()
-        grad_norm, flatness, cos, skipped, n_flatness, n_cos, count = sums.tolist()
+        count, skipped = sums["micro_batches"], sums["skipped"]
         if count == 0:
             return logs
         logs.update({"gam/grad_rho": self._gam_radii[0], "gam/grad_norm_rho": self._gam_radii[1],
                      "gam/skipped_steps": skipped})
         if count > skipped:  # the means cover the micro-batches whose passes all finished
-            logs["gam/grad_norm"] = grad_norm / (count - skipped)
-        if n_flatness:
-            logs["gam/flatness"] = flatness / n_flatness
-        if n_cos:
-            logs["gam/cos"] = cos / n_cos
+            logs["gam/grad_norm"] = sums["grad_norm"] / (count - skipped)
+        if sums["measured_flatness"]:
+            logs["gam/flatness"] = sums["flatness"] / sums["measured_flatness"]
+        if sums["measured_cos"]:
+            logs["gam/cos"] = sums["cos"] / sums["measured_cos"]
         return logs
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:

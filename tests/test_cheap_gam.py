@@ -177,7 +177,7 @@ def test_interval_and_reuse_are_exclusive(tmp_path):
 def test_reuse_step_is_linear_in_the_loss_scale():
     """The correction is stored per unit of ||g0||, so a loss scale (fp16) that changes between the full step and a
     reuse step still gives d in the current scale's units."""
-    from hf_gam.gam import GAMHyperParams, GAMStep
+    from hf_gam.gam import GAMHyperParams, GAMStep, StepInputs
 
     torch.manual_seed(0)
     model = TinyClassifier()
@@ -194,9 +194,9 @@ def test_reuse_step_is_linear_in_the_loss_scale():
     directions = []
     for full_scale, reuse_scale in ((1.0, 1.0), (2.0**10, 2.0**16)):
         step = GAMStep(model.parameters())
-        step.run(runner(batches[0], full_scale), hp, store_correction=True)
+        step.run(StepInputs(runner(batches[0], full_scale), hp), store_correction=True)
         model.zero_grad(set_to_none=True)
-        step.run(runner(batches[1], reuse_scale), hp, reuse=True)
+        step.run(StepInputs(runner(batches[1], reuse_scale), hp), reuse=True)
         directions.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]) / reuse_scale)
         model.zero_grad(set_to_none=True)
     assert relative_error(directions[1], directions[0]) < 1e-10  # xi = 1e-12 in the denominators: not exact

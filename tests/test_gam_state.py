@@ -11,7 +11,7 @@ from transformers import TrainerCallback, set_seed
 
 import hf_gam.trainer
 from hf_gam import GAMTrainer
-from hf_gam.gam import GAMHyperParams, GAMStep, global_dot, norm_layers, weighted_norm
+from hf_gam.gam import GAMHyperParams, GAMStep, StepInputs, global_dot, norm_layers, weighted_norm
 
 from oracle import flat_gradient_fn, oracle_direction
 from tiny import SummedLossClassifier, TinyClassifier, batch_of, flat_params, make_data, relative_error, sgd_args
@@ -79,7 +79,7 @@ def test_a_parameter_reached_only_at_perturbed_points_takes_no_part():
         loss.backward()
         return loss.detach()
 
-    GAMStep(model.parameters()).run(forward_backward, HP)
+    GAMStep(model.parameters()).run(StepInputs(forward_backward, HP))
     assert model.extra.grad is None  # as the stock step leaves a parameter the loss at theta does not use
     d = torch.cat([p.grad.reshape(-1) for n, p in model.named_parameters() if n != "extra"])
     assert relative_error(d, expected) < 1e-10
@@ -176,7 +176,7 @@ def test_non_finite_marker_works_for_a_channels_last_first_parameter():
         (loss * (math.inf if i == 1 else 1.0)).backward()
         return loss.detach()
 
-    stats = GAMStep(model.parameters()).run(forward_backward, HP, nonfinite="mark")
+    stats = GAMStep(model.parameters()).run(StepInputs(forward_backward, HP, nonfinite="mark"))
     assert bool(stats.failed)
     assert not torch.isfinite(model.conv.weight.grad).all()
 
@@ -247,7 +247,7 @@ def test_instance_norm_running_statistics_move_once_per_micro_batch():
         loss.backward()
         return loss.detach()
 
-    GAMStep(model.parameters()).run(forward_backward, HP, norm_modules=norm_layers(model))
+    GAMStep(model.parameters()).run(StepInputs(forward_backward, HP, norm_modules=norm_layers(model)))
     assert torch.equal(model.norm.running_mean, once.norm.running_mean)
     assert torch.equal(model.norm.running_var, once.norm.running_var)
     assert not torch.equal(once.norm.running_mean, InstanceNormNet().norm.running_mean)  # pass 1 did move them
@@ -298,10 +298,10 @@ def test_host_synchronisations_per_micro_batch(monkeypatch, nonfinite, reuse, al
         return loss.detach()
 
     step = GAMStep(model.parameters())
-    step.run(forward_backward, HP, norm_modules=norm_layers(model), store_correction=True)
+    step.run(StepInputs(forward_backward, HP, norm_modules=norm_layers(model)), store_correction=True)
     model.zero_grad(set_to_none=True)
     counter = HostSyncCounter(monkeypatch)
-    step.run(forward_backward, HP, norm_modules=norm_layers(model), nonfinite=nonfinite, reuse=reuse)
+    step.run(StepInputs(forward_backward, HP, norm_modules=norm_layers(model), nonfinite=nonfinite), reuse=reuse)
     count = counter.count
     monkeypatch.undo()
     assert count == allowed

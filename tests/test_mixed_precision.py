@@ -7,7 +7,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_gam import GAMTrainer
-from hf_gam.gam import GAMHyperParams, GAMStep, norm_layers
+from hf_gam.gam import GAMHyperParams, GAMStep, StepInputs, norm_layers
 
 from tiny import TinyClassifier, batch_of, flat_params, make_data, relative_error, sgd_args
 
@@ -31,10 +31,10 @@ def test_direction_is_linear_in_the_loss_scale():
     torch.manual_seed(0)
     model = TinyClassifier()
     batch = batch_of(make_data(n=8), 0, 8)
-    GAMStep(model.parameters()).run(pass_runner(model, batch), HP)
+    GAMStep(model.parameters()).run(StepInputs(pass_runner(model, batch), HP))
     plain = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     model.zero_grad()
-    GAMStep(model.parameters()).run(pass_runner(model, batch, scale=2.0**20), HP)
+    GAMStep(model.parameters()).run(StepInputs(pass_runner(model, batch, scale=2.0**20), HP))
     scaled = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     assert relative_error(scaled / 2.0**20, plain) < 1e-10
 
@@ -49,8 +49,8 @@ def test_overflow_in_a_later_pass_restores_and_leaves_a_non_finite_gradient():
     earlier = [p.grad.clone() for p in model.parameters()]
     before = copy.deepcopy(model)
     calls = []
-    stats = GAMStep(model.parameters()).run(pass_runner(model, batch, overflow_at=2, calls=calls), HP,
-                                            norm_modules=norm_layers(model), nonfinite="mark")
+    stats = GAMStep(model.parameters()).run(StepInputs(pass_runner(model, batch, overflow_at=2, calls=calls), HP,
+                                                       norm_modules=norm_layers(model), nonfinite="mark"))
     assert bool(stats.failed) and not stats.dropped
     assert calls == [0, 1, 2, 3]
     for p, q in zip(model.parameters(), before.parameters()):

@@ -52,7 +52,7 @@ def test_zero_learning_rate_restores_parameters_and_moves_batch_norm_once(tmp_pa
 
 
 def test_batch_norm_flag_restored_when_a_pass_raises(tmp_path):
-    from hf_gam.gam import GAMHyperParams, GAMStep, norm_layers
+    from hf_gam.gam import GAMHyperParams, GAMStep, StepInputs, norm_layers
 
     torch.manual_seed(2)
     model = TinyClassifier(batch_norm=True, dtype=torch.float32)
@@ -67,7 +67,7 @@ def test_batch_norm_flag_restored_when_a_pass_raises(tmp_path):
         return loss.detach()
 
     with pytest.raises(RuntimeError, match="pass 3 failed"):
-        GAMStep(model.parameters()).run(forward_backward, GAMHyperParams(), norm_modules=norm_layers(model))
+        GAMStep(model.parameters()).run(StepInputs(forward_backward, GAMHyperParams(), norm_modules=norm_layers(model)))
     assert model.net[1].track_running_stats
     assert model.net[1].num_batches_tracked.item() == 1
     assert params_equal(model, before)
