@@ -87,7 +87,8 @@ LEARNING_RATE = 2e-3
 FINETUNE_LEARNING_RATE = 1e-3
 FINETUNE_AUGMENTATION = "none"
 WEIGHT_DECAY = 0.05
-# The sweeps run GAM and SAM at every step with constant radii, as the paper does (the defaults start late and ramp).
+# The sweeps run GAM and SAM at every step with constant radii, as the paper does (the defaults' schedule, written out
+# so that the sweeps do not depend on the defaults).
 EVERY_STEP = {"gam_start": 0.0, "gam_rho_schedule": "constant"}
 # `--arms frontier_sweep`: each cost-cutting field alone, on top of `GAMConfig()`'s defaults.
 FRONTIER = {"gam_reuse_interval": [2, 4, 8], "gam_batch_fraction": [0.5, 0.25, 0.125], "gam_start": [0.5, 0.9]}

@@ -4,10 +4,10 @@ Every arm trains the same model (same initial weights) on the same batches throu
 `gam_method="none"` (the stock Trainer step), "sam", "gam", "gam" with `gam_interval=2`, and "gam" with
 `gam_reuse_interval` k (full GAM every k-th step, one pass plus the stored correction between) or
 `gam_batch_fraction` f (GAM's passes on a part of each micro-batch), all at every step with constant radii; and
-the package's own settings, `GAMConfig()`'s defaults, `hf_gam.PRETRAIN_GAM` (which starts GAM at 75% of the run:
-its time ratio covers a window with the same quarter of GAM steps as a whole run, its memory is that of its GAM
-steps) and `hf_gam.CHEAP_GAM`. "stock step x4" runs the stock step 4 times on each micro-batch: the floor of GAM's 4 passes
-with nothing else added.
+`hf_gam.PRETRAIN_GAM` (which starts GAM at 75% of the run: its time ratio covers a window with the same quarter of GAM
+steps as a whole run, its memory is that of its GAM steps). `GAMConfig()`'s defaults (and `FINETUNE_GAM`,
+`RELEASED_GAM`) are the row "GAM", `hf_gam.CHEAP_GAM` the row "GAM, reuse 3". "stock step x4" runs the stock step 4
+times on each micro-batch: the floor of GAM's 4 passes with nothing else added.
 
 * Time: a callback reads the clock at `on_step_begin` and `on_step_end`, so a step is the forward and backward
   passes, clipping and the optimizer step (not data loading, logging or evaluation). Arms are interleaved:
@@ -68,7 +68,8 @@ if os.environ.get("STEP_COST_COUNT_COLLECTIVES") == "1":
 
 import torch  # noqa: E402
 
-# GAM and SAM at every step with constant radii: the defaults (`hf_gam.FINETUNE_GAM`), written out.
+# GAM and SAM at every step with constant radii: the defaults (`hf_gam.FINETUNE_GAM`), written out, so that the arm
+# "GAM" is `GAMConfig()` and "GAM, reuse 3" is `hf_gam.CHEAP_GAM`.
 EVERY_STEP = dict(gam_start=0.0, gam_rho_schedule="constant")
 ARMS = {
     "stock Trainer": dict(gam_method="none"),
@@ -83,11 +84,9 @@ ARMS = {
     "GAM, reuse 4": dict(gam_method="gam", gam_reuse_interval=4, **EVERY_STEP),
     "GAM, batch fraction 1/4": dict(gam_method="gam", gam_batch_fraction=0.25, **EVERY_STEP),
     "GAM, batch fraction 1/8": dict(gam_method="gam", gam_batch_fraction=0.125, **EVERY_STEP),
-    # The package's settings as they are. PRETRAIN_GAM starts GAM at 75% of the run: over a 14-step run with 2 steps
-    # dropped, steps 11-13 run GAM, so the measured window holds the same quarter of GAM steps as any run.
-    "GAMConfig() defaults": dict(),
+    # PRETRAIN_GAM starts GAM at 75% of the run: over a 14-step run with 2 steps dropped, steps 11-13 run GAM, so the
+    # measured window holds the same quarter of GAM steps as any run.
     "PRETRAIN_GAM": "PRETRAIN_GAM",
-    "CHEAP_GAM": "CHEAP_GAM",
 }
 SETTINGS = {
     # image side, patch, hidden, layers, batch, rounds, steps per run, dropped steps per run
@@ -143,7 +142,7 @@ class StepClock:
 
 
 def resolve_arm(arm) -> dict:
-    """A copy of the arm's keyword arguments (a string names a ready setting: "CHEAP_GAM" is `hf_gam.CHEAP_GAM`)."""
+    """A copy of the arm's keyword arguments (a string names a ready setting: "PRETRAIN_GAM" is `hf_gam.PRETRAIN_GAM`)."""
     if isinstance(arm, str):
         import hf_gam
 

@@ -86,8 +86,10 @@ class GAMConfig(TrainingArguments):
         default="constant",
         metadata={
             "help": "'constant' radii; 'lr': both radii scaled by the current learning rate over `learning_rate`; "
-            "'linear': both radii grow linearly with training progress, from 0 at the first step to their full value at "
-            "the last (sharpness-aware steps help most late in training).",
+            "'linear': both radii grow linearly over the steps that run GAM, counted from `gam_start`: at optimizer "
+            "step t (from 0) of a run of T steps whose GAM part starts at step s, the radii are their full values "
+            "times min((t - s + 1) / (T - s), 1), so the first GAM step gets 1 / (T - s) of them and the last the "
+            "full values (sharpness-aware steps help most late in training).",
             "choices": list(GAM_RHO_SCHEDULES),
         },
     )

@@ -54,7 +54,8 @@ def batch_of(data, start, size):
 
 def sgd_args(output_dir, **overrides):
     """SGD with learning rate 1, no clipping, deterministic batches: a step moves theta by exactly -d. GAM runs at
-    every step with constant radii (not the defaults' late start and linear ramp), unless overridden."""
+    every step with constant radii (the defaults' schedule, written out so that the tests do not depend on the
+    defaults), unless overridden."""
     values = dict(
         gam_start=0.0,
         gam_rho_schedule="constant",
