@@ -241,12 +241,32 @@ def test_batch_fraction_moves_running_statistics_once_and_leaves_the_stock_rando
     assert torch.equal(bn.running_mean, stock_bn.running_mean) and torch.equal(bn.running_var, stock_bn.running_var)
 
 
-def test_batch_fraction_of_one_is_full_gam(tmp_path):
-    model, plain = twin_models()
+def test_batch_fraction_takes_the_first_ceil_of_the_fraction_of_each_micro_batch(tmp_path):
+    """gam_batch_fraction=0.3 of a micro-batch of 8: GAM's passes run on its first ceil(2.4) = 3 examples, at each
+    step (the second step's micro-batch is examples 8-15, its part 8-10)."""
+    torch.manual_seed(0)
+    model = TinyClassifier()
     data = make_data()
-    train(model, data, tmp_path, gam_batch_fraction=1.0)
-    train(plain, data, tmp_path)
-    assert torch.equal(flat_params(model), flat_params(plain))
+    expected_model = TinyClassifier()
+    expected_model.load_state_dict(model.state_dict())
+    recorder, _ = train(model, data, tmp_path, gam_batch_fraction=0.3, max_steps=2)
+
+    theta = flat_params(expected_model)
+    before = [theta, *recorder.params]
+    for step, start in enumerate((0, 8)):
+        def direction(part_size):
+            part_gradient, _ = flat_gradient_fn(expected_model, batch_of(data, start, part_size))
+            correction, _ = stored_correction(part_gradient, theta)
+            whole_gradient, _ = flat_gradient_fn(expected_model, batch_of(data, start, 8))
+            return reuse_direction(whole_gradient, theta, correction)
+
+        expected = direction(3)
+        for other in (2, 4, 8):  # a part of another size would give another step
+            assert relative_error(direction(other), expected) > 1e-3
+        assert relative_error(before[step] - recorder.params[step], expected) < 1e-10  # SGD, lr 1: theta moves by -d
+        theta = theta - expected
+        torch.nn.utils.vector_to_parameters(theta, expected_model.parameters())
+        assert recorder.logs[step]["gam/passes"] == 1 + 4 * 3 / 8
 
 
 @pytest.mark.parametrize("value", [0.0, 1.5, -0.2])
