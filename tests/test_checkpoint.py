@@ -342,3 +342,59 @@ def test_tensors_a_converter_combines_are_loaded_from_every_shard(tmp_path, shar
     load_checkpoint_weights(model, str(tmp_path))
     assert all(p is before[name] for name, p in model.named_parameters())
     assert differing(weights(model), weights(saved)) == []
+
+
+# ---- a single-file checkpoint that leaves a tied weight out, through GAMTrainer ----
+
+
+def tiny_gpt2(seed):
+    """A 1-layer GPT-2 whose `lm_head.weight` is tied to the token embeddings (`save_pretrained` leaves it out)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=20, n_positions=16, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+def token_examples(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, 20, (n, 6), generator=g)
+    return [{"input_ids": row, "labels": row.clone()} for row in rows]
+
+
+def test_resume_of_a_single_file_checkpoint_without_its_tied_weight(tmp_path):
+    """The checkpoint's one `model.safetensors` lacks `lm_head.weight`, so loading it with `strict=True` would fail:
+    resume must load it as `from_pretrained` does (the tied weight follows the embeddings) and equal the
+    uninterrupted run."""
+    full = GAMTrainer(model=tiny_gpt2(0), args=run_args(tmp_path / "full"), train_dataset=token_examples())
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert sorted(os.listdir(checkpoint)).count("model.safetensors") == 1
+    assert "lm_head.weight" not in load_file(checkpoint / "model.safetensors")
+    resumed = GAMTrainer(model=tiny_gpt2(1), args=run_args(tmp_path / "resumed"), train_dataset=token_examples())
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.model.lm_head.weight is resumed.model.transformer.wte.weight
+    assert differing(weights(resumed.model), weights(full.model)) == []
+
+
+def test_best_model_of_a_single_file_checkpoint_without_its_tied_weight(tmp_path):
+    scores = iter([1.0, 3.0, 2.0, 0.0])  # evaluations at steps 1..4: the best is step 2, not the last
+
+    def compute_metrics(_):
+        return {"score": next(scores)}
+
+    args = run_args(
+        tmp_path / "run", eval_strategy="steps", eval_steps=1, save_steps=1, per_device_eval_batch_size=8,
+        load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True,
+    )
+    trainer = GAMTrainer(model=tiny_gpt2(0), args=args, train_dataset=token_examples(),
+                         eval_dataset=token_examples(8, seed=1), compute_metrics=compute_metrics)
+    trainer.train()
+    best_dir = tmp_path / "run" / "checkpoint-2"
+    assert trainer.state.best_model_checkpoint == str(best_dir)
+    assert "lm_head.weight" not in load_file(best_dir / "model.safetensors")
+    best = weights(type(trainer.model).from_pretrained(best_dir))
+    last = weights(type(trainer.model).from_pretrained(tmp_path / "run" / "checkpoint-4"))
+    assert differing(last, best)  # the choice matters
+    assert trainer.model.lm_head.weight is trainer.model.transformer.wte.weight
+    assert differing(weights(trainer.model), best) == []
