@@ -98,19 +98,26 @@ def test_stock_trainer_resume_still_loses_the_renamed_weights(tmp_path):
     assert any(".layers.0." in k for k in lost)
 
 
-def test_best_model_at_end_is_the_best_checkpoint(tmp_path):
-    scores = iter([1.0, 3.0, 2.0, 0.0])  # evaluations at steps 1..4: the best is step 2, not the last
+def train_keeping_the_best_of_four(model, output_dir, train_dataset, eval_dataset):
+    """A 4-step GAMTrainer run with `load_best_model_at_end`, evaluated and saved at every step; the evaluation scores
+    1, 3, 2, 0 make checkpoint-2, not the last, the best."""
+    scores = iter([1.0, 3.0, 2.0, 0.0])
 
     def compute_metrics(_):
         return {"score": next(scores)}
 
     args = run_args(
-        tmp_path / "run", eval_strategy="steps", eval_steps=1, save_steps=1, per_device_eval_batch_size=8,
+        output_dir, eval_strategy="steps", eval_steps=1, save_steps=1, per_device_eval_batch_size=8,
         load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True,
     )
-    trainer = GAMTrainer(model=tiny_vit(0), args=args, train_dataset=examples(), eval_dataset=examples(8, seed=1),
+    trainer = GAMTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          compute_metrics=compute_metrics)
     trainer.train()
+    return trainer
+
+
+def test_best_model_at_end_is_the_best_checkpoint(tmp_path):
+    trainer = train_keeping_the_best_of_four(tiny_vit(0), tmp_path / "run", examples(), examples(8, seed=1))
     assert trainer.state.best_model_checkpoint == str(tmp_path / "run" / "checkpoint-2")
     best = weights(ViTForImageClassification.from_pretrained(tmp_path / "run" / "checkpoint-2"))
     last = weights(ViTForImageClassification.from_pretrained(tmp_path / "run" / "checkpoint-4"))
@@ -378,18 +385,8 @@ def test_resume_of_a_single_file_checkpoint_without_its_tied_weight(tmp_path):
 
 
 def test_best_model_of_a_single_file_checkpoint_without_its_tied_weight(tmp_path):
-    scores = iter([1.0, 3.0, 2.0, 0.0])  # evaluations at steps 1..4: the best is step 2, not the last
-
-    def compute_metrics(_):
-        return {"score": next(scores)}
-
-    args = run_args(
-        tmp_path / "run", eval_strategy="steps", eval_steps=1, save_steps=1, per_device_eval_batch_size=8,
-        load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True,
-    )
-    trainer = GAMTrainer(model=tiny_gpt2(0), args=args, train_dataset=token_examples(),
-                         eval_dataset=token_examples(8, seed=1), compute_metrics=compute_metrics)
-    trainer.train()
+    trainer = train_keeping_the_best_of_four(tiny_gpt2(0), tmp_path / "run", token_examples(),
+                                             token_examples(8, seed=1))
     best_dir = tmp_path / "run" / "checkpoint-2"
     assert trainer.state.best_model_checkpoint == str(best_dir)
     assert "lm_head.weight" not in load_file(best_dir / "model.safetensors")
