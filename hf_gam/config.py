@@ -1,7 +1,9 @@
 """`GAMConfig`: the Trainer's arguments plus GAM's hyper-parameters."""
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 from transformers import TrainingArguments
 
@@ -9,6 +11,7 @@ GAM_METHODS = ("gam", "sam", "none")
 GAM_FORMULAS = ("released", "paper")
 GAM_SYNC_MODES = ("local", "global")
 GAM_RHO_SCHEDULES = ("constant", "lr", "linear")
+GAM_PERTURBATIONS = ("gradient", "momentum")
 
 
 @dataclass
@@ -119,6 +122,44 @@ class GAMConfig(TrainingArguments):
             "run on the first ceil(f * batch) examples and store their correction, then one pass on the whole "
             "micro-batch applies it (d = g + ||g|| * correction, as on a reuse step): 1 + 4f passes' worth of compute. "
             "1 runs GAM on the whole micro-batch."
+        },
+    )
+    gam_interval_scale_rho: bool = field(
+        default=False,
+        metadata={
+            "help": "With `gam_interval` k > 1: both radii times k on the steps that run GAM (Composer's SAM scales "
+            "its radius with its interval). False keeps the radii as given."
+        },
+    )
+    gam_reuse_orthogonal: bool = field(
+        default=False,
+        metadata={
+            "help": "With `gam_reuse_interval` > 1: a reuse step adds only the part of the stored correction "
+            "orthogonal to the current gradient g, d = g + ||g|| * (c - <c, g> / ||g||^2 * g), c the correction "
+            "(LookSAM, Liu et al., CVPR 2022, reuses the part of SAM's gradient orthogonal to the gradient). False: "
+            "d = g + ||g|| * c."
+        },
+    )
+    gam_trigger_std: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "k: run the full step only when the squared norm of the first pass's gradient, x = ||g||^2, "
+            "exceeds its running mean by k running standard deviations (x > mu + k * sigma, moving averages of "
+            "decay `gam_trigger_decay`, updated with x first; AE-SAM, Jiang et al., ICLR 2023); otherwise the step "
+            "is the stock step with that pass's gradient (1 pass). None: the full step at every GAM step."
+        },
+    )
+    gam_trigger_decay: float = field(
+        default=0.9,
+        metadata={"help": "delta in [0, 1): decay of the moving averages of `gam_trigger_std`."},
+    )
+    gam_perturbation: str = field(
+        default="gradient",
+        metadata={
+            "help": "'gradient': SAM's ascent pass. 'momentum' (with `gam_method='sam'`): no ascent pass, the one "
+            "pass runs at theta - rho' * m / ||m||, m the optimizer's momentum (AdamW's exp_avg, SGD's "
+            "momentum_buffer), and its gradient is the update (Momentum-SAM, Becker et al., 2024): 1 pass per step.",
+            "choices": list(GAM_PERTURBATIONS),
         },
     )
     gam_same_rng: bool = field(
@@ -243,6 +284,7 @@ def validate_gam_fields(args) -> None:
         "gam_formula": GAM_FORMULAS,
         "gam_sync": GAM_SYNC_MODES,
         "gam_rho_schedule": GAM_RHO_SCHEDULES,
+        "gam_perturbation": GAM_PERTURBATIONS,
     }
     for name, allowed in choices.items():
         value = getattr(args, name)
@@ -269,3 +311,18 @@ def validate_gam_fields(args) -> None:
         raise ValueError(f"`gam_batch_fraction` must lie in (0, 1]; got {args.gam_batch_fraction!r}.")
     if not 0.0 <= args.gam_start < 1.0:
         raise ValueError(f"`gam_start` must lie in [0, 1); got {args.gam_start!r}.")
+    if args.gam_trigger_std is not None:
+        if isinstance(args.gam_trigger_std, bool) or not math.isfinite(args.gam_trigger_std):
+            raise ValueError(f"`gam_trigger_std` must be a finite number or None; got {args.gam_trigger_std!r}.")
+        if args.gam_reuse_interval > 1 or args.gam_batch_fraction < 1.0:
+            raise ValueError("`gam_trigger_std` decides between the full step and the stock step; it does not combine "
+                             "with `gam_reuse_interval` > 1 or `gam_batch_fraction` < 1.")
+    if not 0.0 <= args.gam_trigger_decay < 1.0:
+        raise ValueError(f"`gam_trigger_decay` must lie in [0, 1); got {args.gam_trigger_decay!r}.")
+    if args.gam_perturbation == "momentum":
+        if args.gam_method != "sam":
+            raise ValueError("`gam_perturbation='momentum'` replaces SAM's ascent pass and needs `gam_method='sam'`: "
+                             "every gradient of GAM's passes enters its direction, so the momentum would save no pass.")
+        if args.gam_reuse_interval > 1 or args.gam_batch_fraction < 1.0 or args.gam_trigger_std is not None:
+            raise ValueError("`gam_perturbation='momentum'` runs one pass per step; it does not combine with "
+                             "`gam_reuse_interval`, `gam_batch_fraction` or `gam_trigger_std`.")

@@ -49,6 +49,11 @@ class GAMHyperParams:
     formula: str = "released"  # "released" or "paper"
     adaptive: bool = False
     eps: float = 1e-12  # xi
+    # Reuse steps: add only the part of the stored correction orthogonal to the current gradient (see `_reuse_pass`).
+    reuse_orthogonal: bool = False
+    # "gradient": the passes described above. "momentum" (SAM only): one pass, at theta - rho' m / (||m|| + xi) with
+    # m the optimizer's momentum (`StepInputs.momentum`), whose gradient is d (see `_momentum_pass`).
+    perturbation: str = "gradient"
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,34 @@ class StepInputs:
     # Like `forward_backward`, on a part of the micro-batch: GAM's passes run on that part and one pass on the whole
     # micro-batch applies their correction (see `GAMStep._sub_batch_passes`).
     sub_forward_backward: Optional[Callable[[int], Tensor]] = None
+    # After pass 1, `run_full(||g0||)` says whether the other passes run; when it returns False, d = g0 (the stock
+    # step's gradient, from the one pass already paid for). None: they always run.
+    run_full: Optional[Callable[[Tensor], bool]] = None
+    # With `hp.perturbation == "momentum"`: the optimizer's momentum of each parameter of the step (None where the
+    # optimizer holds none yet), in the order of `GAMStep.params`.
+    momentum: Optional[Sequence[Optional[Tensor]]] = None
+
+
+class GradNormTrigger:
+    """When to run the full step: when the squared gradient norm x = ||g0||^2 is high against its running mean and
+    variance (AE-SAM's rule, Jiang et al., ICLR 2023), with exponential moving averages of decay delta:
+
+        mu <- delta mu + (1 - delta) x,   var <- delta var + (1 - delta) (x - mu)^2,   full step iff x > mu + k sqrt(var)
+
+    (mu and var start at 0 and are updated with the current x before the comparison). A non-finite x updates
+    nothing and runs no full step. Plain floats on the host."""
+
+    def __init__(self, *, k: float, decay: float) -> None:
+        self.k, self.decay = k, decay
+        self.mean = 0.0
+        self.var = 0.0
+
+    def __call__(self, squared_norm: float) -> bool:
+        if not math.isfinite(squared_norm):
+            return False
+        self.mean = self.decay * self.mean + (1.0 - self.decay) * squared_norm
+        self.var = self.decay * self.var + (1.0 - self.decay) * (squared_norm - self.mean) ** 2
+        return squared_norm > self.mean + self.k * math.sqrt(self.var)
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -481,6 +514,8 @@ class GAMStep:
         try:
             if reuse:
                 self._reuse_pass(inputs, stats=stats, index=index)
+            elif inputs.hp.perturbation == "momentum":
+                self._momentum_pass(inputs, stats=stats, index=index)
             elif inputs.sub_forward_backward is not None:
                 self._sub_batch_passes(inputs, stats=stats, index=index)
             else:
@@ -544,7 +579,44 @@ class GAMStep:
         active = set(index)
         stored = [i for i in self._correction_index if i in active]
         grads = [local_tensor(self.params[i].grad) for i in stored]
-        add_scaled_(grads, self._buffer("correction", stored), factor=stats.grad_norm)
+        correction = self._buffer("correction", stored)
+        if inputs.hp.reuse_orthogonal:
+            # d = g0 + ||g0|| (c - <c, g0> / (||g0||^2 + xi) g0): only the part of the correction c orthogonal to the
+            # current gradient, written as g0 scaled, then ||g0|| c added (the stored c is left as it is).
+            along = global_dot(correction, grads, reduce=inputs.reduce) / (stats.grad_norm.square() + inputs.hp.eps)
+            scale_(g, factor=1.0 - stats.grad_norm * along)
+        add_scaled_(grads, correction, factor=stats.grad_norm)
+
+    def _momentum_pass(self, inputs: StepInputs, *, stats: GAMStats, index: list[int]) -> None:
+        """One pass, SAM's gradient along the optimizer's momentum m instead of an ascent pass (Momentum-SAM, Becker
+        et al., 2024): the parameters move to theta - rho' m / (||m|| + xi) (adaptive: - rho' m theta^2 /
+        (||m |theta| || + xi)), and the gradient there is d. m accumulates gradients, so this is a step against the
+        momentum, as in the paper. A parameter without momentum takes part with zeros; with no momentum at all
+        (the first step) the pass runs at theta. The parameters return to theta bit for bit; the loss is the one
+        at the perturbed point."""
+        hp, reduce = inputs.hp, inputs.reduce
+        if hp.method != "sam":
+            raise ValueError("The momentum perturbation replaces SAM's ascent pass: it needs method 'sam'.")
+        if inputs.momentum is None or len(inputs.momentum) != len(self.params):
+            raise ValueError("The momentum perturbation needs one momentum entry (or None) per parameter.")
+        everything = list(range(len(self.params)))
+        theta_params = [local_tensor(p.detach()) for p in self.params]
+        theta = self._buffer("theta", everything)
+        direction = self._buffer("h_minus", everything)
+        torch._foreach_copy_(theta, theta_params)
+        for buffer, m in zip(direction, inputs.momentum):
+            if m is None:
+                buffer.zero_()
+            else:
+                buffer.copy_(local_tensor(m))
+        try:
+            ascend_(theta_params, direction, radius=-hp.grad_rho, eps=hp.eps, adaptive=hp.adaptive, reduce=reduce)
+            stats.loss = inputs.forward_backward(0)
+        finally:
+            torch._foreach_copy_(theta_params, theta)
+        g = self._gradients(0, index=index, stats=stats, data_parallel=inputs.data_parallel, free_buffer="h_minus")
+        stats.grad_norm = global_norm(g, reduce=reduce)
+        stats.failed = ~torch.isfinite(stats.grad_norm)
 
     def _sub_batch_passes(self, inputs: StepInputs, *, stats: GAMStats, index: list[int]) -> None:
         """GAM's passes on a part of the micro-batch (`inputs.sub_forward_backward`; correction stored, no pass moves
@@ -614,6 +686,9 @@ class GAMStep:
             g = run_pass(0, free_buffer="h_minus")
             stats.grad_norm = global_norm(g, reduce=reduce)
             failed = ~torch.isfinite(stats.grad_norm)
+            if inputs.run_full is not None and not inputs.run_full(stats.grad_norm):
+                stats.failed = failed
+                return  # d = g0, already in p.grad: the stock step
             theta_params = [local_tensor(params[i].detach()) for i in index]
             theta = self._buffer("theta", index)
             h_minus = self._buffer("h_minus", index)

@@ -36,7 +36,17 @@ from transformers.training_args import OptimizerNames
 from transformers.utils import is_sagemaker_mp_enabled, logging
 
 from .config import GAMConfig, gam_config_class, uses_finetuning_schedule, validate_gam_fields
-from .gam import DTensor, DataParallel, GAMHyperParams, GAMStats, GAMStep, StepInputs, norm_layers, sharded_sum
+from .gam import (
+    DTensor,
+    DataParallel,
+    GAMHyperParams,
+    GAMStats,
+    GAMStep,
+    GradNormTrigger,
+    StepInputs,
+    norm_layers,
+    sharded_sum,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -124,6 +134,7 @@ class GAMMixin:
                 "so there is no gradient to combine. Choose another optimizer."
             )
         self._gam_step: Optional[GAMStep] = None
+        self._gam_trigger: Optional[GradNormTrigger] = None  # the running statistics of `gam_trigger_std`
         self._gam_norm_layers: list[nn.Module] = []
         if self.args.gam_method != "none":
             trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -175,7 +186,8 @@ class GAMMixin:
         args = self.args
         return GAMHyperParams(method=args.gam_method, grad_rho=args.gam_grad_rho, grad_norm_rho=args.gam_grad_norm_rho,
                               alpha=args.gam_alpha, beta=args.gam_beta, gamma=args.gam_gamma, formula=args.gam_formula,
-                              adaptive=args.gam_adaptive, eps=args.gam_eps)
+                              adaptive=args.gam_adaptive, eps=args.gam_eps, reuse_orthogonal=args.gam_reuse_orthogonal,
+                              perturbation=args.gam_perturbation)
 
     def _hp_search_setup(self, trial) -> None:
         """`Trainer._hp_search_setup`, then the trial's `gam_*` values checked like the config's."""
@@ -186,6 +198,7 @@ class GAMMixin:
         """`Trainer.train`, with GAM's state (parameter list, work buffers, stored correction, metrics) bound to the
         model this call trains: `model_init` and `hyperparameter_search` build a new model for every call."""
         self._gam_step = None
+        self._gam_trigger = None
         self._gam_reset_metrics()
         return super().train(*args, **kwargs)
 
@@ -243,6 +256,8 @@ class GAMMixin:
                 # A loss scaler skips a step with a non-finite gradient; without one, nothing would.
                 nonfinite="mark" if self.accelerator.scaler is not None else "drop",
                 sub_forward_backward=None if part is None else passes_on(part, counted=False),
+                run_full=self._gam_run_full(data_parallel, self._gam_units(inputs, num_items_in_batch)),
+                momentum=self._gam_momentum(step) if self.args.gam_perturbation == "momentum" else None,
             )
             stats = step.run(step_inputs, store_correction=self.args.gam_reuse_interval > 1 and not reuse,
                              reuse=reuse)
@@ -255,6 +270,41 @@ class GAMMixin:
         self._gam_empty_cache()
         self._record_gam_stats(stats, grad_rho, grad_norm_rho, units, part_units, passes)
         return stats.loss
+
+    def _gam_run_full(self, data_parallel: Optional[DataParallel], units):
+        """For `gam_trigger_std`: the `StepInputs.run_full` test of this micro-batch (None when the option is off).
+
+        It reads ||g0|| on the host (one synchronisation), in the units of the micro-batch's mean loss, and under DDP
+        "local" averages its square over the ranks first, so that every rank takes the same decision."""
+        if self.args.gam_trigger_std is None:
+            return None
+        if self._gam_trigger is None:
+            self._gam_trigger = GradNormTrigger(k=self.args.gam_trigger_std, decay=self.args.gam_trigger_decay)
+        trigger = self._gam_trigger
+
+        def run_full(grad_norm: torch.Tensor) -> bool:
+            squared = (grad_norm.double() * units).square()
+            if data_parallel is not None and data_parallel.mode == "local":
+                squared = self.accelerator.reduce(squared, reduction="mean")
+            return trigger(squared.item())
+
+        return run_full
+
+    def _gam_momentum(self, step: GAMStep) -> list[Optional[torch.Tensor]]:
+        """The optimizer's momentum of each parameter of `step` (AdamW's `exp_avg`, SGD's `momentum_buffer`), None
+        where it holds none yet; a `ValueError` when, after the first optimizer step, it holds none at all."""
+        state = self.optimizer.state
+        found = []
+        for p in step.params:
+            entry = state.get(p, {})
+            m = entry.get("exp_avg", entry.get("momentum_buffer"))
+            found.append(m if isinstance(m, torch.Tensor) else None)
+        if self.state.global_step > 0 and all(m is None for m in found):
+            raise ValueError(
+                f"`gam_perturbation='momentum'` needs an optimizer that keeps a momentum (AdamW's `exp_avg`, SGD's "
+                f"`momentum_buffer` with momentum > 0); optim={self.args.optim.value!r} keeps none."
+            )
+        return found
 
     def _gam_step_kind(self) -> str:
         """'plain' (the stock step), 'full' (all of GAM's passes) or 'reuse' (one pass and the stored correction)."""
@@ -350,7 +400,8 @@ class GAMMixin:
 
     def _current_radii(self) -> tuple[float, float]:
         """(rho', rho) after `gam_rho_schedule`: times the current over the initial learning rate ("lr"), or times the
-        fraction of GAM's steps done, counting this one ("linear")."""
+        fraction of GAM's steps done, counting this one ("linear"); then times `gam_interval` with
+        `gam_interval_scale_rho`."""
         grad_rho, grad_norm_rho = self.args.gam_grad_rho, self.args.gam_grad_norm_rho
         if self.args.gam_rho_schedule == "lr":
             if self.args.learning_rate <= 0:
@@ -360,6 +411,10 @@ class GAMMixin:
             start = self._gam_start_step()
             scale = min((self.state.global_step - start + 1) / max(self.state.max_steps - start, 1), 1.0)
         else:
+            scale = 1.0
+        if self.args.gam_interval_scale_rho:
+            scale = scale * self.args.gam_interval
+        if scale == 1.0:
             return grad_rho, grad_norm_rho
         return grad_rho * scale, grad_norm_rho * scale
 
