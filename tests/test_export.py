@@ -162,6 +162,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
                                                    depths=[1], num_labels=3)), "mlp:0.5", ValueError, "ViT"),
         (Compression.parse("int8").apply(model), "int8", ValueError, "already quantized"),
         (nn.Sequential(nn.Linear(2, 2)), "int8", TypeError, "PreTrainedModel"),
+        (model, "mlp:0.3+int4", ValueError, r"multiples of 32: vit.layers.0.mlp.fc2 \(179\)"),
     ]
     for candidate, spec, error, match in refusals:
         with pytest.raises(error, match=match):

@@ -25,6 +25,7 @@ from torch import nn
 __all__ = [
     "INT4_GROUP_SIZE",
     "INTEGER_FORMATS",
+    "check_int4_widths",
     "MLP_ARCHITECTURES",
     "MLP_PATTERNS",
     "is_quantized",
@@ -118,9 +119,21 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
     return _quantize(model, "int8_dynamic", "int8 dynamic quantization")
 
 
+def check_int4_widths(model: nn.Module) -> None:
+    """Raise ValueError naming the `nn.Linear` layers whose input width `INT4_GROUP_SIZE` does not divide (the 4-bit
+    format quantizes groups of that many weights along the input dimension)."""
+    uneven = [f"{name} ({module.in_features})" for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and module.in_features % INT4_GROUP_SIZE]
+    if uneven:
+        raise ValueError(f"int4 quantizes groups of {INT4_GROUP_SIZE} input weights; these layers' input widths are not "
+                         f"multiples of {INT4_GROUP_SIZE}: {', '.join(uneven[:5])}" + (" ..." if len(uneven) > 5 else ""))
+
+
 def quantize_int4_weights(model: nn.Module) -> nn.Module:
     """4-bit weight-only quantization of every `nn.Linear` (asymmetric groups of `INT4_GROUP_SIZE` weights along the
-    input dimension, a form with a CPU kernel), in place; returns `model`."""
+    input dimension, a form with a CPU kernel), in place; returns `model`. Every input width must be a multiple of
+    `INT4_GROUP_SIZE` (`check_int4_widths`)."""
+    check_int4_widths(model)
     return _quantize(model, "int4", "4-bit weight-only quantization")
 
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from . import Compression, _logits, _unwrap, accuracy
-from .deploy import INTEGER_FORMATS, is_quantized, require_torchao, shrink_mlp, torchao_config
+from .deploy import INTEGER_FORMATS, check_int4_widths, is_quantized, require_torchao, shrink_mlp, torchao_config
 
 __all__ = ["REPORT_NAME", "export", "recover_with_trainer", "variant_name", "weights_size"]
 
@@ -87,8 +87,11 @@ def _check(model: nn.Module, compression: Compression, output_dir: str, overwrit
         raise ValueError("The model has weights on the meta device (offloaded or not loaded); export needs them all.")
     if _integer_format(compression) is not None:
         require_torchao()
+    shaped = source
     if _mlp_fraction(compression) is not None:
-        shrink_mlp(copy.deepcopy(source), compression.level)  # the architecture and the level, checked on a copy
+        shaped = shrink_mlp(copy.deepcopy(source), compression.level)  # the architecture and level, on a copy
+    if _integer_format(compression) == "int4":
+        check_int4_widths(shaped)
     if os.path.exists(output_dir) and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it.")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
