@@ -256,7 +256,8 @@ class GAMMixin:
                 # A loss scaler skips a step with a non-finite gradient; without one, nothing would.
                 nonfinite="mark" if self.accelerator.scaler is not None else "drop",
                 sub_forward_backward=None if part is None else passes_on(part, counted=False),
-                run_full=self._gam_run_full(data_parallel, self._gam_units(inputs, num_items_in_batch)),
+                # The loss scaler's scale exists once a backward ran: the units are read after pass 1.
+                run_full=self._gam_run_full(data_parallel, lambda: self._gam_units(inputs, num_items_in_batch)),
                 momentum=self._gam_momentum(step) if self.args.gam_perturbation == "momentum" else None,
             )
             stats = step.run(step_inputs, store_correction=self.args.gam_reuse_interval > 1 and not reuse,
@@ -271,11 +272,12 @@ class GAMMixin:
         self._record_gam_stats(stats, grad_rho, grad_norm_rho, units, part_units, passes)
         return stats.loss
 
-    def _gam_run_full(self, data_parallel: Optional[DataParallel], units):
+    def _gam_run_full(self, data_parallel: Optional[DataParallel], units_of):
         """For `gam_trigger_std`: the `StepInputs.run_full` test of this micro-batch (None when the option is off).
 
-        It reads ||g0|| on the host (one synchronisation), in the units of the micro-batch's mean loss, and under DDP
-        "local" averages its square over the ranks first, so that every rank takes the same decision."""
+        It reads ||g0|| on the host (one synchronisation), in the units of the micro-batch's mean loss (`units_of()`,
+        see `_gam_units`), and under DDP "local" averages its square over the ranks first, so that every rank takes
+        the same decision."""
         if self.args.gam_trigger_std is None:
             return None
         if self._gam_trigger is None:
@@ -283,7 +285,7 @@ class GAMMixin:
         trigger = self._gam_trigger
 
         def run_full(grad_norm: torch.Tensor) -> bool:
-            squared = (grad_norm.double() * units).square()
+            squared = (grad_norm.double() * units_of()).square()
             if data_parallel is not None and data_parallel.mode == "local":
                 squared = self.accelerator.reduce(squared, reduction="mean")
             return trigger(squared.item())
