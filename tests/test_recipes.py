@@ -563,3 +563,13 @@ def test_recipe_exports_compressed_variants_pushes_them_and_the_card_reports_the
         recipe.main(base_args(assets, tmp_path / "other") + ["--train_dir", str(assets / "train"),
                                                               "--export_compressed", "prune:0.9"])
     assert not (tmp_path / "other").exists()
+
+
+def test_a_variant_export_would_refuse_is_refused_before_training(assets, tmp_path):
+    recipe = load_recipe("vit_finegrained")
+    output_dir = tmp_path / "refused"
+    argv = base_args(assets, output_dir) + ["--train_dir", str(assets / "train"), "--max_steps", "1",
+                                            "--save_strategy", "no", "--export_compressed", "int8,mlp:0.3+int4"]
+    with pytest.raises(ValueError, match="multiples of 32"):  # 64 - round(0.3 * 64) = 45 inputs to each fc2
+        recipe.main(argv)
+    assert not (output_dir / "model.safetensors").exists() and not (output_dir / "train_results.json").exists()

@@ -57,6 +57,7 @@ __all__ = [
     "CompressionCallback",
     "accuracy",
     "add_weight_noise",
+    "check_exportable",
     "compressible_modules",
     "compression_report",
     "descriptions",
@@ -214,15 +215,20 @@ class Compression:
 
     @property
     def description(self) -> str:
-        own = {
-            "rtn": lambda: f"{int(self.level or 0)}-bit weights (round-to-nearest, per channel)",
-            "prune": lambda: f"{100 * (self.level or 0):g}% of weights pruned (global magnitude)",
-            "noise": lambda: f"Gaussian weight noise, {self.level:g} x rms",
-            "mlp": lambda: f"{100 * (self.level or 0):g}% of the MLP neurons removed (a smaller model)",
-            "int8": lambda: "int8 weights (torchao, weight-only)",
-            "int8_dynamic": lambda: "int8 weights and activations (torchao, dynamic)",
-            "int4": lambda: f"4-bit weights (torchao, groups of {INT4_GROUP_SIZE})",
-        }[self.kind]()
+        if self.kind == "rtn":
+            own = f"{int(self.level)}-bit weights (round-to-nearest, per channel)"
+        elif self.kind == "prune":
+            own = f"{100 * self.level:g}% of weights pruned (global magnitude)"
+        elif self.kind == "noise":
+            own = f"Gaussian weight noise, {self.level:g} x rms"
+        elif self.kind == "mlp":
+            own = f"{100 * self.level:g}% of the MLP neurons removed (a smaller model)"
+        elif self.kind == "int8":
+            own = "int8 weights (torchao, weight-only)"
+        elif self.kind == "int8_dynamic":
+            own = "int8 weights and activations (torchao, dynamic)"
+        else:
+            own = f"4-bit weights (torchao, groups of {INT4_GROUP_SIZE})"
         return own + (f", then {self.then.description}" if self.then is not None else "")
 
     @property
@@ -458,4 +464,4 @@ class CompressionCallback(BoundCallback):
         return control
 
 
-from .exports import REPORT_NAME, export, recover_with_trainer, variant_name, weights_size  # noqa: E402  (uses the above)
+from .exports import REPORT_NAME, check_exportable, export, recover_with_trainer, variant_name, weights_size  # noqa: E402  (uses the above)

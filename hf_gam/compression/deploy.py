@@ -4,8 +4,8 @@ fewer neurons.
 * `quantize_int8_weights`, `quantize_dynamic_int8`, `quantize_int4_weights`: `torchao.quantization.quantize_` on
   every `nn.Linear` with `Int8WeightOnlyConfig`, `Int8DynamicActivationInt8WeightConfig` or a 4-bit weight-only
   configuration that runs on the CPU (`INT4_GROUP_SIZE` weights per scale). The weights become torchao tensors that
-  `save_pretrained` stores as integers, and `from_pretrained` reads back through Transformers' `TorchAoConfig`
-  (`transformers.TorchAoConfig` is set on the model's config here). Convolutions (a ViT's patch embedding) stay in
+  `save_pretrained` stores as integers when the model was quantized through Transformers' `TorchAoConfig` (as
+  `export` does), and `from_pretrained` reads them back. Convolutions (a ViT's patch embedding) stay in
   floating point.
 * `shrink_mlp(model, fraction)`: structured pruning of the MLP of every layer of a ViT-style model: the same number
   of neurons (the rounded `fraction` of `config.intermediate_size`) is removed from every layer, the ones with the
@@ -193,7 +193,10 @@ def mlp_keep_indices(model: nn.Module, fraction: float) -> dict[str, torch.Tenso
     """`{block name: sorted indices of the neurons kept}` for `shrink_mlp(model, fraction)`: in every block the
     `intermediate_size - round(fraction * intermediate_size)` neurons with the largest `||W_in[j, :]|| *
     ||W_out[:, j]||` (ties to the lower index)."""
-    blocks = mlp_blocks(model)
+    return _keep_indices(model, mlp_blocks(model), fraction)
+
+
+def _keep_indices(model: nn.Module, blocks: list[tuple[str, str, str]], fraction: float) -> dict[str, torch.Tensor]:
     keep = _kept_count(model.config.intermediate_size, fraction)
     kept = {}
     for name, up_path, down_path in blocks:
@@ -226,10 +229,11 @@ def _sliced_linear(linear: nn.Linear, rows: torch.Tensor | None, columns: torch.
 @torch.no_grad()
 def shrink_mlp(model: nn.Module, fraction: float) -> nn.Module:
     """Remove the fraction `fraction` of the neurons of every MLP of `model` (`mlp_keep_indices`), in place: smaller
-    `intermediate.dense` and `output.dense` layers and a smaller `config.intermediate_size`; returns `model`. The
+    layers into and out of each MLP (`MLP_PATTERNS`) and a smaller `config.intermediate_size`; returns `model`. The
     result computes what the full model computes with the removed neurons' output columns set to zero."""
-    kept = mlp_keep_indices(model, fraction)
-    for name, up_path, down_path in mlp_blocks(model):
+    blocks = mlp_blocks(model)
+    kept = _keep_indices(model, blocks, fraction)
+    for name, up_path, down_path in blocks:
         layer, index = model.get_submodule(name), kept[name]
         for path, rows, columns in ((up_path, index, None), (down_path, None, index)):
             parent, _, attribute = path.rpartition(".")

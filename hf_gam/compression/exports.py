@@ -36,7 +36,7 @@ from torch import nn
 from . import Compression, _logits, _unwrap, accuracy
 from .deploy import INTEGER_FORMATS, check_int4_widths, is_quantized, require_torchao, shrink_mlp, torchao_config
 
-__all__ = ["REPORT_NAME", "export", "recover_with_trainer", "variant_name", "weights_size"]
+__all__ = ["REPORT_NAME", "check_exportable", "export", "recover_with_trainer", "variant_name", "weights_size"]
 
 REPORT_NAME = "export_report.json"
 """The file of measurements written beside the exported weights."""
@@ -71,8 +71,12 @@ def _mlp_fraction(compression: Compression) -> float | None:
     return compression.level if compression.kind == "mlp" else None
 
 
-def _check(model: nn.Module, compression: Compression, output_dir: str, overwrite: bool) -> nn.Module:
-    """Every refusal, before anything is written; returns the model to export (unwrapped)."""
+def check_exportable(model: nn.Module, compression: Compression | str) -> nn.Module:
+    """Every refusal of `export` that depends on the model and the compression, not on where it is written: a
+    compression that stores nothing smaller, a model that is not a whole, unquantized `PreTrainedModel`, a missing
+    torchao, `mlp:F` on an architecture it does not recognise, int4 on widths its group size does not divide.
+    Returns the model to export (unwrapped). The recipes call it before training."""
+    compression = Compression.parse(compression) if isinstance(compression, str) else compression
     if not compression.deployable:
         raise ValueError(
             f"{compression.spec!r} stores nothing smaller ({compression.description}: the weights stay in floating "
@@ -92,6 +96,12 @@ def _check(model: nn.Module, compression: Compression, output_dir: str, overwrit
         shaped = shrink_mlp(copy.deepcopy(source), compression.level)  # the architecture and level, on a copy
     if _integer_format(compression) == "int4":
         check_int4_widths(shaped)
+    return source
+
+
+def _check(model: nn.Module, compression: Compression, output_dir: str, overwrite: bool) -> nn.Module:
+    """Every refusal, before anything is written; returns the model to export (unwrapped)."""
+    source = check_exportable(model, compression)
     if os.path.exists(output_dir) and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it.")
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):

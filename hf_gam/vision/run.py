@@ -243,19 +243,17 @@ def export_folders(data_args: DataTrainingArguments) -> dict[Any, str]:
 
 
 def check_exports(data_args: DataTrainingArguments, model: Any, training_args: Any, resuming: bool) -> None:
-    """Refuse, before training, what `export_compressed` would refuse after it: `mlp:F` on an architecture without
-    recognisable MLP blocks, the integer formats without torchao, existing variant folders (replaced only with
-    `--overwrite_output_dir` or when resuming), and a recovery under several processes."""
-    from hf_gam.compression import mlp_blocks
-    from hf_gam.compression.deploy import require_torchao
+    """Refuse, before training, what `export_compressed` would refuse after it: each variant as `export` checks it
+    (`hf_gam.compression.check_exportable`: the architecture for `mlp:F`, torchao for the integer formats, int4's
+    widths), existing variant folders (replaced only with `--overwrite_output_dir` or when resuming), and a recovery
+    under several processes."""
+    from hf_gam.compression import check_exportable
 
     folders = export_folders(data_args)
     if not folders:
         return
-    if any(spec.kind == "mlp" for spec in folders):
-        mlp_blocks(model)
-    if any(spec.kind != "mlp" or spec.then is not None for spec in folders):
-        require_torchao()
+    for spec in folders:
+        check_exportable(model, spec)
     if data_args.recover_steps and getattr(training_args, "world_size", 1) > 1:
         raise ValueError("--recover_steps fine-tunes the exported variants on one process; run the export with "
                          "`python -m hf_gam.compression CHECKPOINT --export ... --recover_steps N` instead.")
