@@ -1,5 +1,5 @@
-"""GAM across 2 CPU processes (gloo): DDP local and global modes, a non-finite pass on one rank, reuse steps, FSDP2
-through `GAMTrainer.training_step`, and `accelerate launch`."""
+"""GAM across 2 CPU processes (gloo): DDP local and global modes, a non-finite pass on one rank, reuse steps, the
+gradient-norm trigger, FSDP2 through `GAMTrainer.training_step`, and `accelerate launch`."""
 
 import os
 import shutil
@@ -177,6 +177,16 @@ def test_reuse_under_local_mode_keeps_one_all_reduce_per_step(ranks):
     # The check tells the ranks' corrections apart.
     shared = sum(reuse_direction(grads[k], theta1, corrections[1]) for k in range(4, 8)) / 2
     assert relative_error(shared, reuse) > 1e-6
+
+
+def test_trigger_under_local_mode_decides_alike_on_every_rank(ranks):
+    """Rank 0's gradient norms rise over the 4 steps while rank 1's fall by as much (`RankScaledLoss`), and the
+    forward runs a collective: each rank deciding on its own norm would part at step 1. On the squares averaged over
+    the ranks (about 5e5, 5e3, 5e3, 5e5 in units of one unscaled gradient's) a full step runs at steps 0 and 3 only."""
+    result = ranks("trigger")
+    assert [r["forwards"] for r in result["ranks"]] == [10, 10]  # 4 + 1 + 1 + 4 passes
+    rank_steps(result)
+    assert [h["gam/passes"] for h in result["logs"] if "loss" in h] == [4, 1, 1, 4]
 
 
 def test_fsdp2_training_step_equals_one_process_on_the_global_batch(ranks):

@@ -1,5 +1,5 @@
 """Run with `torchrun --nproc_per_node 2 gam_ranks.py OUT_DIR [SCENARIO ...]` (every scenario by default): GAM under
-DDP (local and global) through GAMTrainer, a non-finite pass on one rank only, FSDP2 (`fully_shard`) through
+DDP (local and global) through GAMTrainer, a non-finite pass on one rank only, the gradient-norm trigger, FSDP2 (`fully_shard`) through
 `GAMTrainer.training_step`, and accuracy after compression averaged over ranks, on CPU with gloo.
 
 Rank 0 saves, per scenario, the parameters after each optimizer step and the collectives counted per step. A
@@ -120,6 +120,50 @@ def nonfinite_scenario(out_dir, name, data, scaler=False, **overrides):
         torch.save({"ranks": everyone, "logs": trainer.state.log_history}, os.path.join(out_dir, f"{name}.pt"))
 
 
+class RankScaledLoss(CollectiveInForward):
+    """`CollectiveInForward` with no infinite loss, whose loss is multiplied by `SCALES[rank][step]` (`step` is set
+    before each optimizer step): rank 0's gradient norms rise while rank 1's fall, so a trigger that decided on each
+    rank's own norm would run the ranks out of step."""
+
+    SCALES = ([1.0, 10.0, 100.0, 1000.0], [1000.0, 100.0, 10.0, 1.0])
+
+    def __init__(self):
+        super().__init__(bad_forward=-1)
+        self.step = 0
+
+    def forward(self, x, labels=None):
+        out = super().forward(x, labels)
+        out["loss"] = out["loss"] * self.SCALES[dist.get_rank()][self.step]
+        return out
+
+
+class SetStep(TrainerCallback):
+    def __init__(self, model):
+        self.model = model
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.model.step = state.global_step
+
+
+def trigger_scenario(out_dir, name, data):
+    """DDP local with the gradient-norm trigger (k = 0, decay 0.5: a full step iff the squared norm exceeds its
+    running mean), 4 steps of `RankScaledLoss`. Rank 0 saves every rank's parameters after each step and forward
+    count, and its logs."""
+    torch.manual_seed(0)
+    model = RankScaledLoss()
+    counter = CountPerStep()
+    args = sgd_args(os.path.join(out_dir, name), gam_sync="local", logging_strategy="steps", logging_steps=1,
+                    max_steps=4, learning_rate=1e-5, gam_trigger_std=0.0, gam_trigger_decay=0.5, **HPARAMS)
+    trainer = GAMTrainer(model=model, args=args, train_dataset=data, callbacks=[counter, SetStep(model)])
+    counter.trainer = trainer
+    trainer.train()
+    mine = {"steps": counter.params, "forwards": model.forwards}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if dist.get_rank() == 0:
+        torch.save({"ranks": everyone, "logs": trainer.state.log_history}, os.path.join(out_dir, f"{name}.pt"))
+
+
 def fsdp2_scenario(out_dir, model, data):
     """FSDP2 through `GAMTrainer.training_step` (its DTensor branch), called outside `train()`: each rank holds a shard
     of every parameter and passes its own 8 samples. Call 1 (step 0) runs full GAM and stores the correction; call 2
@@ -188,6 +232,7 @@ def main():
                                                       max_steps=2, gam_reuse_interval=2),
         "nonfinite_scaler_reuse": lambda: nonfinite_scenario(out_dir, "nonfinite_scaler_reuse", make_data(n=32, seed=0),
                                                              scaler=True, max_steps=2, gam_reuse_interval=2),
+        "trigger": lambda: trigger_scenario(out_dir, "trigger", make_data(n=64, seed=0)),
         "fsdp2": lambda: fsdp2_scenario(out_dir, copy.deepcopy(model), make_data(n=32, seed=0)),
         "compression": lambda: compression_scenario(out_dir, copy.deepcopy(model), data),
     }
