@@ -49,6 +49,10 @@ numbers in `run.json`); `--measure DIR` measures saved models again, without ret
 int8, int4, mlp:0.25, mlp:0.5, mlp:0.75, mlp:0.9, mlp:0.5+int8; `mlp:F` also after a recovery fine-tune of `--recover_epochs` epochs
 with the arm's own step) and writes the size on disk of each format (`hf_gam.compression.export`).
 
+`--json` records the package versions and the CPU kernels torch uses (`settings.environment`): another machine
+does not reproduce the runs digit for digit, so its seeds do not pair with these, and `--tables` warns when it
+merges results of different environments.
+
     python benchmarks/finetune.py --json ft.json                       # everything: 6 scenarios x 5 seeds
     python benchmarks/finetune.py --scenarios vit_500,vit_100 --json a.json   # a part (runs in parallel merge)
     python benchmarks/finetune.py --tables a.json b.json               # tables of saved runs (merged)
@@ -71,6 +75,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -366,6 +371,20 @@ def format_sizes(model_dir: str, formats, out_dir: str) -> dict[str, dict]:
     return sizes
 
 
+def environment() -> dict[str, str]:
+    """What the numbers depend on beyond the code: the versions of the numerical packages and the CPU kernels torch
+    dispatches to (`AVX2`, `AVX512`, ...). Runs of different environments do not reproduce each other digit for
+    digit, so their seeds do not pair."""
+    import accelerate
+    import numpy
+    import sklearn
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "numpy": numpy.__version__, "scikit-learn": sklearn.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def run(s: dict, arms: dict[str, dict], log=print, formats: tuple = (), save_dir: str | None = None) -> dict:
     """Every scenario x seed x arm (arms of one seed in a shuffled order); returns the raw per-run rows. With
     `save_dir`, every fine-tuned model is kept under it (`model_path`)."""
@@ -384,7 +403,7 @@ def run(s: dict, arms: dict[str, dict], log=print, formats: tuple = (), save_dir
                             f"eig {r['eig']:.3g} examples {r['examples']}"),
         log=log,
     )
-    return {"settings": s, "arms": arms, "runs": runs}
+    return {"settings": dict(s, environment=environment()), "arms": arms, "runs": runs}
 
 
 def saved_runs(save_dir: str) -> list[dict]:
@@ -588,11 +607,18 @@ def markdown(result: dict) -> str:
 def merge(paths: list[str]) -> dict:
     """The runs of several saved results in one (settings and arms of the first, scenarios, arms, formats and sizes
     united). A run (scenario, seed, arm) saved in more than one is taken from the first that has it, with the
-    compressions only the others measured added (a second `--measure` pass with other formats)."""
+    compressions only the others measured added (a second `--measure` pass with other formats). Results that
+    recorded different environments (`environment()`) are merged with a warning: their runs of one seed do not
+    pair."""
     results = []
     for path in paths:
         with open(path) as f:
             results.append(json.load(f))
+    environments = {json.dumps(r["settings"]["environment"], sort_keys=True): path
+                    for r, path in zip(results, paths) if "environment" in r["settings"]}
+    if len(environments) > 1:
+        warnings.warn("the results were run in different environments, so runs of one seed in them do not pair: "
+                      + "; ".join(f"{path}: {env}" for env, path in environments.items()), stacklevel=2)
     merged = copy.deepcopy(results[0])
     seen = {(r["scenario"], r["seed"], r["arm"]): r for r in merged["runs"]}
     for other in results[1:]:

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -146,7 +147,9 @@ def test_finetune_quick_counts_passes_measures_compression_and_remakes_tables(tm
     finetune.main(["--quick", "--scenarios", "vit_100", "--arms", "gam,sam_0.05,r3,pretrain_gam,sam_0.05@1x",
                    "--save_models", str(models), "--json", str(path)])
     out = capsys.readouterr().out
-    runs = json.loads(path.read_text())["runs"]
+    saved = json.loads(path.read_text())
+    assert saved["settings"]["environment"] == finetune.environment()  # what the numbers depend on, recorded
+    runs = saved["runs"]
     rows = {r["arm"]: r for r in runs}
     assert sorted(rows) == ["adamw", "gam", "pretrain_gam", "r3", "sam_0.05", "sam_0.05@1x"]
     ratios = {a: r["examples"] / rows["adamw"]["examples"] for a, r in rows.items()}
@@ -200,6 +203,27 @@ def test_finetune_refuses_an_arm_twice_and_has_no_duplicate_builtin_arm():
     assert arms["adamw_2x"] == {"gam_method": "none", "epochs_x": 2} and "gam@4x" not in arms
     with pytest.raises(SystemExit):
         finetune.main(["--quick", "--arms", "r3", "--arm", "twin=gam_reuse_interval=3"])
+
+
+def test_finetune_merge_warns_when_the_environments_differ(tmp_path):
+    def saved(name, environment, arm):
+        settings = {"scenarios": ["s1"], "epochs": 40}
+        if environment is not None:
+            settings["environment"] = environment
+        run = dict(scenario="s1", seed=0, arm=arm, compression={})
+        path = tmp_path / name
+        path.write_text(json.dumps({"settings": settings, "arms": {arm: {}}, "runs": [run]}))
+        return str(path)
+
+    here = finetune.environment()
+    a, b = saved("a.json", here, "adamw"), saved("b.json", here, "gam")
+    elsewhere = saved("c.json", dict(here, cpu_capability="another"), "r3")
+    older = saved("d.json", None, "sam_0.1")  # saved before environments were recorded: nothing to compare
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(finetune.merge([a, b, older])["runs"]) == 3
+    with pytest.warns(UserWarning, match="different environments.*c.json"):
+        assert len(finetune.merge([a, elsewhere])["runs"]) == 2
 
 
 def test_finetune_equal_compute_groups_by_passes_and_the_cheap_bar():
