@@ -192,6 +192,18 @@ def test_sam_trials_run_sam_and_sample_only_its_radius(tmp_path):
             assert logs["gam/passes"] == (4 if method == "gam" else 2)
 
 
+def test_momentum_sam_trials_run_one_pass_with_the_radius_they_sampled(tmp_path):
+    """The search of docs/search.md for SAM along the momentum: rho' sampled, the perturbation fixed, so every trial
+    runs one pass per step (SAM's ascent pass would make 2) and the best run holds the radius alone."""
+    space = gam_hp_space_for(grad_rho=(0.05, 5.0), method="sam", fixed={"gam_perturbation": "momentum"})
+    best, trials, _ = search(search_args(tmp_path, optim="adamw_torch", learning_rate=1e-3), space)
+    assert set(best.hyperparameters) == {"gam_grad_rho"}
+    for trial in trials:
+        assert trial["method"] == "sam" and 0.05 <= trial["params"]["gam_grad_rho"] <= 5.0
+        assert [logs["gam/passes"] for logs in trial["logs"]] == [1, 1]
+        assert all(logs["gam/grad_rho"] == trial["params"]["gam_grad_rho"] for logs in trial["logs"])
+
+
 def test_a_trial_with_a_bad_gam_value_is_refused(tmp_path):
     """The trial's values are checked like the config's: a negative radius stops the search with the field named."""
     data = make_data()
