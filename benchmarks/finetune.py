@@ -935,11 +935,15 @@ def plot_compute(result: dict, path: str) -> None:
     groups = _groups(result)
     fig, axes = plt.subplots(2, len(groups), figsize=(5 * len(groups), 7), squeeze=False)
     for col, (title, scenarios) in enumerate(groups):
-        for m, points in compute_curves(result, scenarios).items():
-            label, color = PLOT_METHODS.get(m, (m, None))
+        curves = compute_curves(result, scenarios)
+        # The named methods keep their colours; any other gets one none of them uses, and a dashed line.
+        free = iter(c for c in (f"C{i}" for i in range(10)) if c not in {v[1] for v in PLOT_METHODS.values()})
+        other = {m: next(free, None) for m in curves if m not in PLOT_METHODS}
+        for m, points in curves.items():
+            label, color = PLOT_METHODS.get(m, (m, other.get(m)))
             for row in (0, 1):
-                axes[row][col].plot([p[0] for p in points], [p[1 + row] for p in points], "o-", label=label,
-                                    color=color, ms=4)
+                axes[row][col].plot([p[0] for p in points], [p[1 + row] for p in points],
+                                    "o-" if m in PLOT_METHODS else "s--", label=label, color=color, ms=4)
         axes[0][col].set_title(f"{title}: {', '.join(scenarios)}", fontsize=8)
         for row in (0, 1):
             axes[row][col].set_xscale("log", base=2)
