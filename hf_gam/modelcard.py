@@ -39,6 +39,8 @@ _METHOD_DESCRIPTIONS = {
     "sam": "SAM (two forward/backward passes per micro-batch, radius `gam_grad_rho`)",
     "none": "none (the stock Trainer step; GAM disabled)",
 }
+_MOMENTUM_SAM = ("SAM along the optimizer's momentum (Momentum-SAM, Becker et al., 2024: one forward/backward pass "
+                 "per micro-batch at the point the momentum leads to, radius `gam_grad_rho`)")
 
 
 def gam_field_names(args: Any) -> list[str]:
@@ -111,6 +113,8 @@ def render_gam_section(args: Any) -> str:
     """The Markdown section (with its begin/end markers) describing the GAM run configured by `args`."""
     method = str(getattr(args, "gam_method", "gam"))
     description = _METHOD_DESCRIPTIONS.get(method, method)
+    if method == "sam" and getattr(args, "gam_perturbation", "gradient") == "momentum":
+        description = _MOMENTUM_SAM
     lines = [
         SECTION_BEGIN,
         SECTION_TITLE,

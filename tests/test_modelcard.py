@@ -123,6 +123,17 @@ def test_gam_trainer_card_takes_the_stock_arguments_in_the_stock_order(tmp_path)
     assert "# tiny" in card.text and read_gam_section(card.text)["gam_method"] == "gam"
 
 
+def test_section_describes_the_step_that_ran(tmp_path):
+    """SAM along the momentum runs one pass, not SAM's two: the card says which."""
+    def section(**values):
+        return render_gam_section(GAMConfig(output_dir=str(tmp_path), use_cpu=True, **values))
+
+    assert "SAM (two forward/backward passes per micro-batch" in section(gam_method="sam")
+    momentum = section(gam_method="sam", gam_perturbation="momentum")
+    assert "Method: SAM along the optimizer's momentum" in momentum and "one forward/backward pass" in momentum
+    assert "two forward/backward" not in momentum
+
+
 @pytest.mark.parametrize("setting, name", [("CHEAP_GAM", "`hf_gam.CHEAP_GAM` (for fine-tuning at less compute)"),
                                            ("PRETRAIN_GAM", "`hf_gam.PRETRAIN_GAM` (for training from scratch)")])
 def test_section_names_the_ready_setting_used(tmp_path, setting, name):
