@@ -305,14 +305,15 @@ def test_finetune_summary_chooses_sam_on_validation_and_checks_the_bars():
             runs += [row(scenario, seed, "adamw", 0.80, 0.90, 0.50, 100), row(scenario, seed, "gam", 0.81, 0.91, 0.81, 400),
                      row(scenario, seed, "sam_0.05", 0.85, 0.905, 0.60, 200),
                      row(scenario, seed, "sam_0.1", 0.70, 0.95, 0.70, 200),
-                     row(scenario, seed, "r3", 0.80, 0.909, 0.75, 200)]
+                     row(scenario, seed, "r3", 0.80, 0.909, 0.75, 200),
+                     row(scenario, seed, "r3@1x", 0.80, 0.909, 0.75, 100)]
     assert finetune.choose_sam(runs, "s1", ["sam_0.02", "sam_0.05", "sam_0.1"]) == "sam_0.05"
     rows = finetune.summary(runs, ["s1", "s2"], ["adamw", "gam", "sam_0.05", "sam_0.1", "r3"], ["sam_0.05", "sam_0.1"])
     assert rows["gam"]["d_test"] == pytest.approx(0.01) and rows["gam"]["d_pruned"] == pytest.approx(0.31)
     assert rows["gam"]["loss_ratio"] == pytest.approx(0.1 / 0.4) and rows["gam"]["passes"] == 4.0
     assert rows["sam*"]["d_test"] == pytest.approx(0.005)
     result = {"settings": {"scenarios": ["s1", "s2"]}, "arms": {a: {} for a in ("adamw", "gam", "sam_0.05", "sam_0.1",
-                                                                                "r3")}, "runs": runs}
+                                                                                "r3", "r3@1x")}, "runs": runs}
     lines = finetune.verdicts(result, ["s1", "s2"])
     assert "- defaults beat AdamW by >= 0.008 on average: +0.0100 -> met" in lines
     assert "- defaults match or beat SAM*: +0.0100 vs +0.0050 -> met" in lines
@@ -320,3 +321,4 @@ def test_finetune_summary_chooses_sam_on_validation_and_checks_the_bars():
     # r3 keeps 90% of the accuracy gain and 0.25 / 0.31 = 81% of the pruning gain, and beats SAM* on both.
     assert "- r3 (2.00 passes): keeps 90% of the accuracy gain and 81% of the pruning gain (80% of both: yes); " \
         "beats SAM* on both: yes -> meets the cheap bar" in lines
+    assert not any(line.startswith("- r3@1x") for line in lines)  # other epochs: not a setting
