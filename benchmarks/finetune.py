@@ -545,7 +545,8 @@ def summary_table(result: dict, scenarios: list[str], title: str) -> list[str]:
 def verdicts(result: dict, scenarios: list[str]) -> list[str]:
     """The bars: the defaults beat AdamW by 0.8 points on average, match SAM*, and lose at most half of AdamW's
     accuracy to 90% pruning; a cheap candidate (at most 2 passes per step, run in every scenario, at the common
-    epochs: no `NAME@Bx` arm) keeps 80% of the defaults' accuracy and pruning gains and beats SAM* on both."""
+    epochs: no `NAME@Bx` arm) keeps 80% of the defaults' accuracy and pruning gains and beats SAM* on both, on the
+    averages over the scenarios. `cheap_answer` holds a cheap setting to the stricter bar (per scenario, held out)."""
     arms, sam = list(result["arms"]), [a for a in builtin_arms()[1] if a in result["arms"]]
     rows = summary(result["runs"], scenarios, arms, sam)
     if "gam" not in rows or "sam*" not in rows:
@@ -568,7 +569,7 @@ def verdicts(result: dict, scenarios: list[str]) -> list[str]:
         beats = r["d_test"] > best_sam["d_test"] and r["d_pruned"] > best_sam["d_pruned"]
         lines.append(f"- {arm} ({r['passes']:.2f} passes): keeps {keeps_acc:.0%} of the accuracy gain and "
                      f"{keeps_prune:.0%} of the pruning gain (80% of both: {'yes' if keeps else 'no'}); beats SAM* "
-                     f"on both: {'yes' if beats else 'no'} -> {'meets the cheap bar' if keeps and beats else 'does not'}")
+                     f"on both: {'yes' if beats else 'no'} -> {'meets the bar on the averages' if keeps and beats else 'does not'}")
     return lines
 
 

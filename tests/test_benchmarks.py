@@ -320,5 +320,5 @@ def test_finetune_summary_chooses_sam_on_validation_and_checks_the_bars():
     assert "- 90% pruning costs the defaults at most half of what it costs AdamW: 0.25 -> met" in lines
     # r3 keeps 90% of the accuracy gain and 0.25 / 0.31 = 81% of the pruning gain, and beats SAM* on both.
     assert "- r3 (2.00 passes): keeps 90% of the accuracy gain and 81% of the pruning gain (80% of both: yes); " \
-        "beats SAM* on both: yes -> meets the cheap bar" in lines
+        "beats SAM* on both: yes -> meets the bar on the averages" in lines
     assert not any(line.startswith("- r3@1x") for line in lines)  # other epochs: not a setting
