@@ -934,12 +934,15 @@ def plot_compute(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     groups = _groups(result)
+    curves_of = [compute_curves(result, scenarios) for _, scenarios in groups]
+    # The named methods keep their colours; any other gets one none of them uses (the same in every panel), and a
+    # dashed line.
+    reserved = {color for _, color in PLOT_METHODS.values()}
+    free = iter(c for c in (f"C{i}" for i in range(10)) if c not in reserved)
+    others = dict.fromkeys(m for curves in curves_of for m in curves if m not in PLOT_METHODS)
+    other = {m: next(free, None) for m in others}
     fig, axes = plt.subplots(2, len(groups), figsize=(5 * len(groups), 7), squeeze=False)
-    for col, (title, scenarios) in enumerate(groups):
-        curves = compute_curves(result, scenarios)
-        # The named methods keep their colours; any other gets one none of them uses, and a dashed line.
-        free = iter(c for c in (f"C{i}" for i in range(10)) if c not in {v[1] for v in PLOT_METHODS.values()})
-        other = {m: next(free, None) for m in curves if m not in PLOT_METHODS}
+    for col, ((title, scenarios), curves) in enumerate(zip(groups, curves_of)):
         for m, points in curves.items():
             label, color = PLOT_METHODS.get(m, (m, other.get(m)))
             for row in (0, 1):

@@ -1,6 +1,7 @@
 """Run with `torchrun --nproc_per_node 2 gam_ranks.py OUT_DIR [SCENARIO ...]` (every scenario by default): GAM under
-DDP (local and global) through GAMTrainer, a non-finite pass on one rank only, the gradient-norm trigger, FSDP2 (`fully_shard`) through
-`GAMTrainer.training_step`, and accuracy after compression averaged over ranks, on CPU with gloo.
+DDP (local and global) through GAMTrainer, a non-finite pass on one rank only, the gradient-norm trigger, FSDP2
+(`fully_shard`) through `GAMTrainer.training_step`, and accuracy after compression averaged over ranks, on CPU with
+gloo.
 
 Rank 0 saves, per scenario, the parameters after each optimizer step and the collectives counted per step. A
 collective waits at most `TIMEOUT`, so a rank left waiting by the other fails the run instead of hanging it.
@@ -98,16 +99,17 @@ class CollectiveInForward(TinyClassifier):
         return out
 
 
-def nonfinite_scenario(out_dir, name, data, scaler=False, **overrides):
-    """DDP local, SGD (lr 1): rank 1 alone gets an infinite loss at pass 3 of step 0. With `scaler`, a GradScaler is
-    installed (Accelerate creates none on CPU). Rank 0 saves every rank's parameters after each step, forward count
-    and loss scale, and its logs."""
+def every_rank_scenario(out_dir, name, data, make_model, scaler=False, callbacks=(), **overrides):
+    """DDP local, SGD (lr 1 unless overridden), a log at every step, on `make_model()` (built after seeding): rank 0
+    saves every rank's parameters after each step, forward count and loss scale, and its logs. With `scaler`, a
+    GradScaler is installed (Accelerate creates none on CPU); `callbacks(model)` gives further callbacks."""
     torch.manual_seed(0)
-    model = CollectiveInForward()
+    model = make_model()
     counter = CountPerStep()
     args = sgd_args(os.path.join(out_dir, name), gam_sync="local", logging_strategy="steps", logging_steps=1,
                     **HPARAMS, **overrides)
-    trainer = GAMTrainer(model=model, args=args, train_dataset=data, callbacks=[counter])
+    trainer = GAMTrainer(model=model, args=args, train_dataset=data,
+                         callbacks=[counter, *[make(model) for make in callbacks]])
     counter.trainer = trainer
     if scaler:
         trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
@@ -118,6 +120,11 @@ def nonfinite_scenario(out_dir, name, data, scaler=False, **overrides):
     dist.all_gather_object(everyone, mine)
     if dist.get_rank() == 0:
         torch.save({"ranks": everyone, "logs": trainer.state.log_history}, os.path.join(out_dir, f"{name}.pt"))
+
+
+def nonfinite_scenario(out_dir, name, data, scaler=False, **overrides):
+    """Rank 1 alone gets an infinite loss at pass 3 of step 0 (`CollectiveInForward`)."""
+    every_rank_scenario(out_dir, name, data, CollectiveInForward, scaler=scaler, **overrides)
 
 
 class RankScaledLoss(CollectiveInForward):
@@ -146,22 +153,10 @@ class SetStep(TrainerCallback):
 
 
 def trigger_scenario(out_dir, name, data):
-    """DDP local with the gradient-norm trigger (k = 0, decay 0.5: a full step iff the squared norm exceeds its
-    running mean), 4 steps of `RankScaledLoss`. Rank 0 saves every rank's parameters after each step and forward
-    count, and its logs."""
-    torch.manual_seed(0)
-    model = RankScaledLoss()
-    counter = CountPerStep()
-    args = sgd_args(os.path.join(out_dir, name), gam_sync="local", logging_strategy="steps", logging_steps=1,
-                    max_steps=4, learning_rate=1e-5, gam_trigger_std=0.0, gam_trigger_decay=0.5, **HPARAMS)
-    trainer = GAMTrainer(model=model, args=args, train_dataset=data, callbacks=[counter, SetStep(model)])
-    counter.trainer = trainer
-    trainer.train()
-    mine = {"steps": counter.params, "forwards": model.forwards}
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    if dist.get_rank() == 0:
-        torch.save({"ranks": everyone, "logs": trainer.state.log_history}, os.path.join(out_dir, f"{name}.pt"))
+    """The gradient-norm trigger (k = 0, decay 0.5: a full step iff the squared norm exceeds its running mean), 4
+    steps of `RankScaledLoss`."""
+    every_rank_scenario(out_dir, name, data, RankScaledLoss, callbacks=[SetStep], max_steps=4, learning_rate=1e-5,
+                        gam_trigger_std=0.0, gam_trigger_decay=0.5)
 
 
 def fsdp2_scenario(out_dir, model, data):
